@@ -1,0 +1,25 @@
+"""The `lopt` command line. Each subcommand lives in its own module; this file wires them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_subcommands(sub: argparse._SubParsersAction) -> None:
+  # Each module exposes `add_parser(subparsers)` that registers one subcommand and sets
+  # `func` (args -> exit code). Imports stay lazy so `lopt --help` is fast.
+  from learned_opt.meta_train import cli_tasks
+  cli_tasks.add_parser(sub)
+  # -- subcommands added by later modules go below this line --
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="lopt", description="Learned-optimizer meta-training on JAX.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  _add_subcommands(sub)
+  args = parser.parse_args(argv)
+  return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
