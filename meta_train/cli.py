@@ -18,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   _add_subcommands(sub)
   args = parser.parse_args(argv)
-  return int(args.func(args) or 0)
+  from learned_opt.tasks.datasets import DatasetError, DatasetNotFoundError
+  try:
+    return int(args.func(args) or 0)
+  except (KeyError, ValueError, DatasetError, DatasetNotFoundError) as e:
+    # Bad input (unknown names, missing or corrupt data, invalid configs): one clear
+    # line, no traceback. Programming errors still raise.
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"lopt {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -190,12 +190,17 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
         f"tfds said: {type(e).__name__}: {str(e)[:200]}") from e
 
 
+def _read_all(source) -> list:
+  # Item by item: tfds' mocked sources do not implement the batched __getitems__.
+  return [source[i] for i in range(len(source))]
+
+
 def load_tfds_images(name: str, *, data_dir: str | None = None) -> ImageData:
   """Reads an image-classification dataset from tfds (array_record; no TensorFlow)."""
   arrays = {}
   for split in ("train", "test"):
     source = _tfds_source(name, split, data_dir)
-    examples = source.__getitems__(list(range(len(source))))
+    examples = _read_all(source)
     arrays[split] = (np.stack([np.asarray(e["image"]) for e in examples]),
                      np.asarray([int(e["label"]) for e in examples]))
     num_classes = source.dataset_info.features["label"].num_classes
@@ -207,7 +212,7 @@ def load_tfds_text(name: str = "tiny_shakespeare", *, data_dir: str | None = Non
   parts = {}
   for split in ("train", "test"):
     source = _tfds_source(name, split, data_dir)
-    texts = [e["text"] for e in source.__getitems__(list(range(len(source))))]
+    texts = [e["text"] for e in _read_all(source)]
     parts[split] = "".join(t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts)
   text = parts["train"] + parts["test"]
   return text_data(text, name=name, test_fraction=len(parts["test"]) / max(len(text), 1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ class LogisticRegressionFamily(ImageClassificationFamily):
     return {**self._common_default(), "l2": jnp.asarray(self.l2_range[0], jnp.float32)}
 
   def init_params(self, cfg, key):
-    dim = int(jnp.prod(jnp.asarray(self.data.image_shape)))
+    dim = math.prod(self.data.image_shape)
     w = jax.random.normal(key, (dim, self.data.num_classes)) * cfg["init_scale"] / jnp.sqrt(dim)
     return {"kernel": w, "bias": jnp.zeros((self.data.num_classes,))}
 

@@ -80,7 +80,7 @@ class TransformerBlock(nn.Module):
   def __call__(self, x, *, act_id):
     d = x.shape[-1]
     mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-    x = x + nn.SelfAttention(num_heads=self.num_heads, qkv_features=d)(nn.LayerNorm()(x), mask=mask)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, qkv_features=d)(nn.LayerNorm()(x), mask=mask)
     y = activate(act_id, nn.Dense(self.mlp_ratio * d)(nn.LayerNorm()(x)))
     return x + nn.Dense(d)(y)
 
