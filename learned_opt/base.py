@@ -1,0 +1,197 @@
+"""The learned-optimizer contract: `LearnedOptimizer`, and `LearnedLR`, the simplest one.
+
+A learned optimizer is an update rule `update(theta, grads, state, params)` whose weights
+`theta` (the *meta-parameters*) meta-training learns. Architectures are frozen
+`flax.struct` dataclasses whose configuration lives in static (hashable) fields, so an
+instance passes through `jax.jit` / `jax.vmap` as a value and one compiled function
+serves every instance with an equal config; meta-parameters and optimizer states are
+plain pytrees of arrays (dicts, NamedTuples or `flax.struct` dataclasses).
+
+Updates are additive, as in optax: `new_params = optax.apply_updates(params, updates)`.
+`learned_opt.to_optax` turns any `LearnedOptimizer` plus meta-parameters into an
+`optax.GradientTransformationExtraArgs`.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+MetaParams = Any
+OptState = Any
+Params = Any
+Updates = Any
+
+
+class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
+  """Abstract learned optimizer. Subclasses are frozen `flax.struct` dataclasses.
+
+  Every config field of a subclass must be declared with
+  `struct.field(pytree_node=False)` and hold a JSON-able, hashable value (numbers,
+  strings, bools, tuples of those), so that `config()` / `from_config()` round-trip
+  through a checkpoint header and two instances with equal configs share one jit cache
+  entry.
+
+  Subclasses set `name` (the architecture name written to checkpoints) and implement:
+
+    init_meta_params(key) -> theta
+    init(theta, params, *, num_steps=None) -> state        (state holds a step counter)
+    update(theta, grads, state, params, *, loss=None, key=None, value_fn=None)
+        -> (updates, new_state)
+
+  `num_steps` (the training horizon) may be a Python int or a traced int32 scalar (the
+  meta-training engine vmaps `init` over tasks with different horizons); optimizers that
+  need no horizon accept `None`. `loss` is the scalar training loss at `params` (a
+  traced array), `key` a PRNG key for stochastic optimizers, `value_fn(params) -> loss`
+  an optional closure for features that evaluate the loss elsewhere.
+  """
+
+  name: ClassVar[str] = ""
+
+  @abc.abstractmethod
+  def init_meta_params(self, key: jax.Array) -> MetaParams:
+    """Initial meta-parameters: a pytree (nested dicts) of float32 arrays."""
+
+  @abc.abstractmethod
+  def init(self, meta_params: MetaParams, params: Params, *, num_steps=None) -> OptState:
+    """Optimizer state for `params` (float32, whatever the params' dtype)."""
+
+  @abc.abstractmethod
+  def update(self, meta_params: MetaParams, grads: Updates, state: OptState, params: Params, *,
+             loss: Optional[jax.Array] = None, key: Optional[jax.Array] = None,
+             value_fn: Optional[Callable[[Params], jax.Array]] = None) -> tuple[Updates, OptState]:
+    """One step: additive updates shaped (and typed) like `params`, and the new state."""
+
+  def feature_names(self) -> tuple[str, ...]:
+    """Names of the input features in the order the network reads them (for headers)."""
+    return ()
+
+  def config(self) -> dict[str, Any]:
+    """The static config as a JSON-able dict (tuples become lists)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      out[f.name] = _to_json(value)
+    return out
+
+  @classmethod
+  def from_config(cls, config: dict[str, Any]) -> "LearnedOptimizer":
+    """Rebuilds an instance from `config()`; unknown keys raise `ValueError`."""
+    if not isinstance(config, dict):
+      raise ValueError(f"{cls.__name__} config must be a dict, got {type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+      raise ValueError(f"{cls.__name__} config has unknown keys {unknown}; expected a subset "
+                       f"of {sorted(known)}")
+    return cls(**{k: _from_json(v) for k, v in config.items()})
+
+
+def _to_json(value):
+  if isinstance(value, (tuple, list)):
+    return [_to_json(v) for v in value]
+  return value
+
+
+def _from_json(value):
+  # JSON has no tuples; static fields must be hashable, so lists come back as tuples.
+  if isinstance(value, list):
+    return tuple(_from_json(v) for v in value)
+  return value
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+  """Raises `ValueError` naming `name` if `value` is not a positive (or >= 0) number."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+
+
+def to_float32(tree):
+  """Casts every leaf to float32: learned optimizers compute and keep state in float32."""
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def cast_like(updates, params):
+  """Casts each update leaf to the dtype of the matching parameter (e.g. bfloat16)."""
+  return jax.tree.map(lambda u, p: u.astype(jnp.asarray(p).dtype), updates, params)
+
+
+def horizon_array(num_steps, *, required: bool, who: str) -> jax.Array:
+  """The training horizon as a float32 scalar; `inf` when absent and not required."""
+  if num_steps is None:
+    if required:
+      raise ValueError(f"{who} needs num_steps (the training horizon) because a selected "
+                       "feature depends on the training fraction; got num_steps=None")
+    return jnp.asarray(jnp.inf, jnp.float32)
+  if isinstance(num_steps, (int, float)) and not isinstance(num_steps, bool) and num_steps <= 0:
+    raise ValueError(f"num_steps must be a positive number of steps, got {num_steps!r}")
+  return jnp.asarray(num_steps, jnp.float32)
+
+
+class LearnedLRState(NamedTuple):
+  """State of `LearnedLR`: step counter and Adam moments (empty tuples for SGD)."""
+  step: jax.Array  # int32 []
+  mu: Any
+  nu: Any
+
+
+class LearnedLR(LearnedOptimizer):
+  """SGD or Adam whose only meta-parameter is the log step size.
+
+  `update = -exp(theta["log_lr"]) * d`, with `d` the gradient (`direction="sgd"`) or the
+  bias-corrected Adam direction `m_hat / (sqrt(v_hat) + eps)` (`direction="adam"`,
+  Kingma & Ba 2015). The meta-gradient is known in closed form (`d update / d theta =
+  update`), which makes this the reference optimizer for gradient-estimator tests.
+
+  Attributes:
+    init_lr: initial step size, `theta["log_lr"] = log(init_lr)`.
+    direction: "sgd" or "adam".
+    b1, b2, eps: Adam's decays and epsilon (ignored for "sgd").
+  """
+
+  name: ClassVar[str] = "learned_lr"
+  init_lr: float = struct.field(pytree_node=False, default=0.01)
+  direction: str = struct.field(pytree_node=False, default="sgd")
+  b1: float = struct.field(pytree_node=False, default=0.9)
+  b2: float = struct.field(pytree_node=False, default=0.999)
+  eps: float = struct.field(pytree_node=False, default=1e-8)
+
+  def __post_init__(self):
+    check_positive("init_lr", self.init_lr)
+    if self.direction not in ("sgd", "adam"):
+      raise ValueError(f"direction must be 'sgd' or 'adam', got {self.direction!r}")
+
+  def init_meta_params(self, key):
+    del key
+    return {"log_lr": jnp.log(jnp.asarray(self.init_lr, jnp.float32))}
+
+  def init(self, meta_params, params, *, num_steps=None):
+    del meta_params, num_steps
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    if self.direction == "sgd":
+      return LearnedLRState(jnp.zeros((), jnp.int32), (), ())
+    return LearnedLRState(jnp.zeros((), jnp.int32), zeros(), zeros())
+
+  def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
+    del loss, key, value_fn
+    lr = jnp.exp(meta_params["log_lr"])
+    g = to_float32(grads)
+    step = state.step + 1
+    if self.direction == "sgd":
+      d, mu, nu = g, (), ()
+    else:
+      mu = optax.tree.update_moment(g, state.mu, self.b1, 1)
+      nu = optax.tree.update_moment_per_elem_norm(g, state.nu, self.b2, 2)
+      mu_hat = optax.tree.bias_correction(mu, self.b1, step)
+      nu_hat = optax.tree.bias_correction(nu, self.b2, step)
+      d = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + self.eps), mu_hat, nu_hat)
+    updates = jax.tree.map(lambda x: -lr * x, d)
+    return cast_like(updates, params), LearnedLRState(step, mu, nu)
