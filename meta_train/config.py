@@ -1,0 +1,281 @@
+"""Meta-training run configs: YAML validated against frozen dataclasses.
+
+A config is read once (`load_config`, with `--set key=value` overrides) into a frozen
+`MetaTrainConfig`; `build` turns it into objects (learned optimizer, estimators, outer
+optax optimizer) and after that only pytrees flow. Unknown keys and mistyped values
+fail with an error naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """families: registered meta-training family names (one sub-pool each);
+  data_dir: local dataset root for families on named datasets."""
+  families: tuple[str, ...] = ("mlp_synthetic",)
+  data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LOptConfig:
+  """name: a registered learned optimizer (see `LOPTS`) or "package.module:Class";
+  options: keyword arguments of its constructor (checked against its fields)."""
+  name: str = "per_param_mlp"
+  options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncationConfig:
+  """kind: "constant" (every task `horizon` steps) or "log_uniform" (horizons
+  log-uniform in [min_length, max_length])."""
+  kind: str = "constant"
+  horizon: int = 200
+  min_length: int = 50
+  max_length: int = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+  """See `GradientEstimator` for the meaning of each field; kind: "pes" or "truncated_es"."""
+  kind: str = "pes"
+  num_tasks: int = 8
+  unroll_length: int = 20
+  sigma: float = 0.01
+  meta_loss_split: str = "train"
+  loss_diff_clip: float | None = None
+  loss_diff_sign: bool = False
+  stagger: bool = True
+  population_map: str = "auto"
+  map_batch_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterConfig:
+  """optimizer: an optax alias name (adam, adamw, sgd, lion, ...) called as
+  optax.<optimizer>(learning_rate, **options); grad_clip: global-norm clip before it
+  (None: off); num_steps: outer steps; accumulate: estimates averaged per step."""
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  grad_clip: float | None = 1.0
+  options: dict = dataclasses.field(default_factory=dict)
+  num_steps: int = 100
+  accumulate: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """checkpoint_every: outer steps between run checkpoints; keep_checkpoints: how many
+  are kept; log_every: outer steps between metrics lines; tensorboard: also write
+  TensorBoard events if tensorboardX is installed; export: file name of the exported
+  meta-parameters inside the run folder (None: no export)."""
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  log_every: int = 1
+  tensorboard: bool = True
+  export: str | None = "final.lopt"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaTrainConfig:
+  name: str = "meta_train"
+  seed: int = 0
+  task: TaskConfig = TaskConfig()
+  lopt: LOptConfig = LOptConfig()
+  truncation: TruncationConfig = TruncationConfig()
+  estimator: EstimatorConfig = EstimatorConfig()
+  outer: OuterConfig = OuterConfig()
+  run: RunConfig = RunConfig()
+
+
+# ---- parsing and validation -----------------------------------------------------------
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """Checks `value` against the annotation `tp`; returns it converted (lists -> tuples)."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    for arg in args:
+      if arg is type(None):
+        continue
+      try:
+        return _coerce(value, arg, key)
+      except ValueError:
+        pass
+    raise ValueError(f"config key {key!r}: got {value!r}, expected {_type_name(tp)}")
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, Mapping):
+      raise ValueError(f"config key {key!r}: got {value!r}, expected a mapping of {tp.__name__} fields")
+    return _from_dict(tp, value, key + ".")
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)):
+      value = [value]  # a single name where a list is expected
+    return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+  if tp is dict or origin is dict:
+    if value is None:
+      return {}
+    if not isinstance(value, Mapping):
+      raise ValueError(f"config key {key!r}: got {value!r}, expected a mapping")
+    return dict(value)
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp in (int, float, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+    return value
+  raise ValueError(f"config key {key!r}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = [k for k in data if k not in names]
+  if unknown:
+    raise ValueError(f"unknown config key {prefix + str(unknown[0])!r}; valid keys"
+                     f"{' under ' + prefix[:-1] if prefix else ''}: {', '.join(names)}")
+  return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> MetaTrainConfig:
+  """Validates a nested mapping (e.g. parsed YAML) into a `MetaTrainConfig`."""
+  if data is None:
+    data = {}
+  if not isinstance(data, Mapping):
+    raise ValueError(f"a config must be a mapping of sections, got {type(data).__name__}")
+  return _from_dict(MetaTrainConfig, data)
+
+
+def config_to_dict(cfg: MetaTrainConfig) -> dict:
+  """Plain nested dict (tuples as lists), the inverse of `config_from_dict`."""
+  def plain(x):
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    return x
+  return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+  """Applies "a.b.c=value" overrides to a nested dict; values are parsed as YAML.
+
+  A key must name an existing config field (or a key inside a dict-valued field such as
+  `lopt.options`); its type is checked when the result is validated.
+  """
+  data = dict(data)
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"--set expects key=value, got {item!r}")
+    path, raw = item.split("=", 1)
+    keys = path.strip().split(".")
+    value = yaml.safe_load(raw)
+    cls, node = MetaTrainConfig, data
+    for depth, k in enumerate(keys):
+      last = depth == len(keys) - 1
+      if cls is not None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        if k not in names:
+          where = ".".join(keys[:depth])
+          raise ValueError(f"unknown config key {'.'.join(keys[:depth + 1])!r} in --set; valid keys"
+                           f"{' under ' + where if where else ''}: {', '.join(names)}")
+        field_type = typing.get_type_hints(cls)[k]
+      if last:
+        node[k] = value
+        break
+      child = dict(node.get(k) or {})
+      node[k] = child
+      node = child
+      cls = field_type if cls is not None and dataclasses.is_dataclass(field_type) else None
+  return data
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> MetaTrainConfig:
+  """Reads a YAML config (None: all defaults), applies `--set` overrides, validates."""
+  data = {}
+  if path is not None:
+    with open(path) as f:
+      data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+      raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+  return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: MetaTrainConfig) -> str:
+  return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# ---- building objects -------------------------------------------------------------------
+# Registered learned optimizers: name -> "module:Class" (imported on use).
+LOPTS = {
+    "learned_lr": "learned_opt.lr_lopt:LearnedLR",
+    "per_param_mlp": "learned_opt.mlp_lopt:PerParamMLP",
+    "per_param_lstm": "learned_opt.lstm_lopt:PerParamLSTM",
+    "hierarchical": "learned_opt.hierarchical:HierarchicalLOpt",
+}
+
+
+def _import(spec: str):
+  module, _, attr = spec.partition(":")
+  try:
+    return getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"cannot import learned optimizer {spec!r}: {e}") from e
+
+
+def build_lopt(cfg: LOptConfig):
+  """The learned optimizer named by `cfg`, constructed with `cfg.options`."""
+  if cfg.name in LOPTS:
+    cls = _import(LOPTS[cfg.name])
+  elif ":" in cfg.name:
+    cls = _import(cfg.name)
+  else:
+    raise ValueError(f"unknown learned optimizer {cfg.name!r}; registered: {', '.join(LOPTS)} "
+                     "(or give 'package.module:Class')")
+  if dataclasses.is_dataclass(cls):
+    valid = [f.name for f in dataclasses.fields(cls)]
+    bad = [k for k in cfg.options if k not in valid]
+    if bad:
+      raise ValueError(f"unknown config key 'lopt.options.{bad[0]}' for {cls.__name__}; valid keys: "
+                       f"{', '.join(valid)}")
+  return cls(**cfg.options)
+
+
+def build_schedule(cfg: TruncationConfig):
+  from learned_opt.meta_train import truncation
+  if cfg.kind == "constant":
+    return truncation.ConstantTruncation(horizon=cfg.horizon)
+  if cfg.kind == "log_uniform":
+    return truncation.LogUniformTruncation(min_length=cfg.min_length, max_length=cfg.max_length)
+  raise ValueError(f"unknown truncation.kind {cfg.kind!r}; expected 'constant' or 'log_uniform'")
+
+
+def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
+  """One estimator per task family, all with the same settings."""
+  from learned_opt.meta_train.pes import PES
+  from learned_opt.meta_train.truncated_es import TruncatedES
+  from learned_opt.tasks import get_family
+  kinds = {"pes": PES, "truncated_es": TruncatedES}
+  e = cfg.estimator
+  if e.kind not in kinds:
+    raise ValueError(f"unknown estimator.kind {e.kind!r}; expected one of {', '.join(kinds)}")
+  if not cfg.task.families:
+    raise ValueError("task.families is empty; expected at least one family name")
+  schedule = build_schedule(cfg.truncation)
+  settings = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "kind"}
+  return [kinds[e.kind](family=get_family(name, cfg.task.data_dir), lopt=lopt, schedule=schedule,
+                        **settings) for name in cfg.task.families]
+
+
+def build_outer_optimizer(cfg: OuterConfig):
+  from learned_opt.meta_train.outer import make_outer_optimizer
+  return make_outer_optimizer(cfg.optimizer, cfg.learning_rate, grad_clip=cfg.grad_clip,
+                              **cfg.options)

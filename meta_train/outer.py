@@ -1,0 +1,142 @@
+"""The learner: the outer optax update of the meta-parameters from gradient estimates.
+
+Learner state (meta-parameters, outer optimizer state, step) is kept apart from worker
+state (the estimators' pools). One outer step gathers `accumulate` estimates from every
+estimator, averages them weighted by their number of pairs, and applies one optax
+update. Keys are a pure function of (seed, outer step, accumulation index, family
+index), so any outer step can be recomputed from a checkpoint, and a pool split over
+workers (same key to all; tasks fold in their global index) gives the same estimate.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from learned_opt.meta_train.estimator_base import GradEstimate, combine_estimates
+
+# apply_if_finite gives up skipping after this many non-finite updates in a row; we
+# never want a non-finite update applied, so the limit is out of reach.
+_NEVER = 2**30
+
+
+@struct.dataclass
+class LearnerState:
+  """meta_params: theta; opt_state: the outer optimizer's state; step: int32 []."""
+  meta_params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def make_outer_optimizer(name: str = "adam", learning_rate: float = 1e-3, *,
+                         grad_clip: float | None = 1.0, **options) -> optax.GradientTransformation:
+  """Any optax alias, after global-norm clipping, skipping non-finite gradients.
+
+  Args:
+    name: an optax alias (`optax.<name>(learning_rate, **options)`), e.g. "adam".
+    learning_rate: outer learning rate.
+    grad_clip: clip the estimate's global norm to this before the update; None: off.
+    **options: further keyword arguments of the alias (b1, weight_decay, ...).
+  """
+  alias = getattr(optax, name, None)
+  if not callable(alias) or name.startswith("_"):
+    raise ValueError(f"unknown outer optimizer {name!r}; expected an optax alias such as "
+                     "adam, adamw, sgd, lion, rmsprop")
+  try:
+    inner = alias(learning_rate, **options)
+  except TypeError as e:
+    raise ValueError(f"optax.{name} rejected options {options!r}: {e}") from e
+  if grad_clip is not None:
+    inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
+  # A non-finite estimate is skipped: theta and the optimizer state stay as they were.
+  return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
+
+
+def init_learner(meta_params: Any, optimizer: optax.GradientTransformation) -> LearnerState:
+  return LearnerState(meta_params=meta_params, opt_state=optimizer.init(meta_params),
+                      step=jnp.zeros((), jnp.int32))
+
+
+def estimate_key(steps_key: jax.Array, step: jax.Array, accum_index: int, family_index: int) -> jax.Array:
+  """The key of one estimate: every worker of a split pool is given this same key."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(steps_key, step), accum_index),
+                            family_index)
+
+
+def apply_estimate(optimizer: optax.GradientTransformation, learner: LearnerState,
+                   estimate: GradEstimate) -> tuple[LearnerState, dict[str, jax.Array]]:
+  """One outer update; returns the new learner state and scalar metrics."""
+  return _apply(optimizer, learner, estimate)
+
+
+def _apply_impl(optimizer, learner, estimate):
+  updates, opt_state = optimizer.update(estimate.grad, learner.opt_state, learner.meta_params)
+  meta_params = optax.apply_updates(learner.meta_params, updates)
+  metrics = {"meta_loss": estimate.meta_loss, "grad_norm": optax.global_norm(estimate.grad),
+             "update_norm": optax.global_norm(updates),
+             "skipped": (~opt_state.last_finite).astype(jnp.int32),
+             **{f"num_{k}": v for k, v in estimate.counts.items()}}
+  return LearnerState(meta_params, opt_state, learner.step + 1), metrics
+
+
+_apply = jax.jit(_apply_impl, static_argnums=0)
+
+
+def _run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(initialization key, outer-steps key) of a run."""
+  k_init, k_steps = jax.random.split(jax.random.key(seed))
+  return k_init, k_steps
+
+
+class MetaTrainer:
+  """In-process meta-training: estimators (worker side) plus the learner.
+
+  Args:
+    estimators: one `GradientEstimator` per task family.
+    optimizer: the outer optax transform (see `make_outer_optimizer`).
+    accumulate: estimates per estimator averaged into one outer update.
+  """
+
+  def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
+               accumulate: int = 1):
+    if not estimators:
+      raise ValueError("MetaTrainer needs at least one estimator, got none")
+    if not isinstance(accumulate, int) or accumulate < 1:
+      raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+    self.estimators = list(estimators)
+    self.optimizer = optimizer
+    self.accumulate = accumulate
+
+  @property
+  def lopt(self):
+    return self.estimators[0].lopt
+
+  @property
+  def inner_steps_per_outer_step(self) -> int:
+    """Inner steps (tasks x 2 signs x K) run per outer step."""
+    return self.accumulate * sum(2 * e.num_tasks * e.unroll_length for e in self.estimators)
+
+  def init(self, seed: int, meta_params: Any | None = None) -> tuple[LearnerState, list]:
+    """Learner state and the estimators' pool states for run seed `seed`."""
+    k_theta, k_pool = jax.random.split(_run_keys(seed)[0])
+    if meta_params is None:
+      meta_params = self.lopt.init_meta_params(k_theta)
+    learner = init_learner(meta_params, self.optimizer)
+    states = [e.init(jax.random.fold_in(k_pool, f), meta_params) for f, e in enumerate(self.estimators)]
+    return learner, states
+
+  def step(self, seed: int, learner: LearnerState, states: list) -> tuple[LearnerState, list, dict]:
+    """One outer step: estimates from every estimator, then one outer update."""
+    steps_key = _run_keys(seed)[1]
+    estimates, states = [], list(states)
+    for j in range(self.accumulate):
+      for f, est in enumerate(self.estimators):
+        key = estimate_key(steps_key, learner.step, j, f)
+        states[f], e = est.estimate(key, learner.meta_params, states[f])
+        estimates.append(e)
+    combined = estimates[0] if len(estimates) == 1 else combine_estimates(estimates)
+    learner, metrics = apply_estimate(self.optimizer, learner, combined)
+    return learner, states, metrics
