@@ -195,3 +195,20 @@ class LearnedLR(LearnedOptimizer):
       d = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + self.eps), mu_hat, nu_hat)
     updates = jax.tree.map(lambda x: -lr * x, d)
     return cast_like(updates, params), LearnedLRState(step, mu, nu)
+
+
+# Bound on the log-magnitude of an update multiplier: exp(+-40) keeps every update finite
+# in float32 even when a network's output blows up on extreme inputs.
+MAX_LOG_SCALE = 40.0
+
+
+def magnitude_update(direction: jax.Array, magnitude: jax.Array, *, exp_mult: float,
+                     step_mult) -> jax.Array:
+  """`direction * exp(exp_mult * magnitude) * step_mult`, the update rule of Metz et al.
+
+  (2022, "Practical tradeoffs between memory, compute, and performance in learned
+  optimizers"): the network outputs a direction and a log-magnitude per parameter; the
+  small `exp_mult` keeps initial magnitudes near 1. The exponent is clipped to +-40.
+  """
+  log_scale = jnp.clip(exp_mult * magnitude, -MAX_LOG_SCALE, MAX_LOG_SCALE)
+  return direction * jnp.exp(log_scale) * step_mult

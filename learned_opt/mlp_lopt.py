@@ -1,0 +1,124 @@
+"""`PerParamMLP`: one small MLP applied to every coordinate of every tensor.
+
+Follows the per-parameter MLP learned optimizer of Metz et al. (2022, "Practical
+tradeoffs between memory, compute, and performance in learned optimizers"): each
+coordinate's normalized features go through a shared MLP whose two outputs are a
+direction `d` and a log-magnitude `s`; the update is `d * exp(exp_mult * s) * step_mult`.
+Per-tensor features (log RMS of each channel) and global features (step, training
+fraction, loss) are the same for every coordinate of a tensor, so instead of copying them
+into every coordinate's input they enter the first layer as a per-tensor bias: same
+function, a fraction of the memory traffic.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from learned_opt import features as feats
+from learned_opt.base import (LearnedOptimizer, cast_like, check_positive, magnitude_update)
+
+_init = jax.nn.initializers.lecun_normal()
+
+
+class PerParamMLPState(NamedTuple):
+  """State of `PerParamMLP`: only the feature accumulators (step counter inside)."""
+  features: feats.FeatureState
+
+  @property
+  def step(self):
+    return self.features.step
+
+
+class PerParamMLP(LearnedOptimizer):
+  """Per-parameter MLP learned optimizer.
+
+  Attributes:
+    hidden_sizes: widths of the hidden layers (ReLU), shared by all parameters.
+    features: selected feature groups, see `learned_opt.features`.
+    momentum_decays: decays of the momentum / Adam-direction channels.
+    rms_decay: decay of the second-moment (and Adafactor) accumulators.
+    loss_decays: decays of the loss EMAs of the "loss" feature.
+    exp_mult: `a` in `d * exp(a * s) * step_mult`.
+    step_mult: global step size of the update.
+    weight_decay: decoupled weight decay; adds `-step_mult * weight_decay * param`.
+    mup: if True, multiply the update of every >=2-D tensor by `mup_base_fan_in /
+      fan_in` (muP / muLO width transfer, see `features.mup_scale`).
+    mup_base_fan_in: the fan-in at which the muP multiplier is 1 (the meta-training width).
+  """
+
+  name: ClassVar[str] = "per_param_mlp"
+  hidden_sizes: tuple = struct.field(pytree_node=False, default=(32, 32))
+  features: tuple = struct.field(pytree_node=False, default=(
+      "grad", "clipped_grad", "param", "momentum", "rms", "adam", "adafactor", "step_embed"))
+  momentum_decays: tuple = struct.field(pytree_node=False, default=(0.5, 0.9, 0.99))
+  rms_decay: float = struct.field(pytree_node=False, default=0.999)
+  loss_decays: tuple = struct.field(pytree_node=False, default=(0.9, 0.99))
+  exp_mult: float = struct.field(pytree_node=False, default=0.001)
+  step_mult: float = struct.field(pytree_node=False, default=0.001)
+  weight_decay: float = struct.field(pytree_node=False, default=0.0)
+  mup: bool = struct.field(pytree_node=False, default=False)
+  mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
+
+  def __post_init__(self):
+    if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
+      raise ValueError(f"hidden_sizes must be a non-empty tuple of positive ints, "
+                       f"got {self.hidden_sizes!r}")
+    check_positive("exp_mult", self.exp_mult)
+    check_positive("step_mult", self.step_mult)
+    check_positive("weight_decay", self.weight_decay, allow_zero=True)
+    check_positive("mup_base_fan_in", self.mup_base_fan_in)
+    self.spec  # validates the feature selection now, not at the first update
+
+  @property
+  def spec(self) -> feats.FeatureSpec:
+    return feats.FeatureSpec(tuple(self.features), tuple(self.momentum_decays),
+                             self.rms_decay, tuple(self.loss_decays))
+
+  def feature_names(self):
+    return self.spec.all_names()
+
+  def init_meta_params(self, key):
+    spec = self.spec
+    sizes = (len(spec.param_names()),) + tuple(self.hidden_sizes)
+    keys = jax.random.split(key, len(sizes) + 2)
+    h1 = sizes[1]
+    theta = {
+        "w_param": _init(keys[0], (sizes[0], h1)),
+        "w_tensor": _init(keys[1], (len(spec.tensor_names()), h1)) * 0.1,
+        "w_global": _init(keys[2], (max(len(spec.global_names()), 1), h1)),
+        "b1": jnp.zeros((h1,)),
+        "hidden": [{"w": _init(k, (a, b)), "b": jnp.zeros((b,))}
+                   for k, a, b in zip(keys[3:], sizes[1:-1], sizes[2:])],
+        "out": {"w": _init(keys[-1], (sizes[-1], 2)), "b": jnp.zeros((2,))},
+    }
+    return jax.tree.map(lambda x: x.astype(jnp.float32), theta)
+
+  def init(self, meta_params, params, *, num_steps=None):
+    del meta_params
+    return PerParamMLPState(feats.init_state(self.spec, params, num_steps))
+
+  def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
+    del key, value_fn
+    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss)
+    theta = meta_params
+    glob = f.global_ if f.global_.shape[0] else jnp.zeros((1,))
+    # [n_leaves, H1]: everything a tensor's coordinates share, folded into one bias.
+    bias = f.per_tensor @ theta["w_tensor"] + glob @ theta["w_global"] + theta["b1"]
+    leaves, treedef = jax.tree.flatten(params)
+    out = []
+    for i, (x, p) in enumerate(zip(f.per_param, leaves)):
+      h = jax.nn.relu(x @ theta["w_param"] + bias[i])
+      for layer in theta["hidden"]:
+        h = jax.nn.relu(h @ layer["w"] + layer["b"])
+      o = h @ theta["out"]["w"] + theta["out"]["b"]
+      u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult, step_mult=self.step_mult)
+      if self.weight_decay:
+        u = u - self.step_mult * self.weight_decay * jnp.asarray(p, jnp.float32)
+      if self.mup:
+        u = u * feats.mup_scale(jnp.shape(p), base_fan_in=self.mup_base_fan_in)
+      out.append(u)
+    updates = jax.tree.unflatten(treedef, out)
+    return cast_like(updates, params), PerParamMLPState(fstate)
