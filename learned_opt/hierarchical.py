@@ -1,0 +1,179 @@
+"""`HierarchicalLOpt`: a per-tensor LSTM steering a tiny per-parameter MLP (VeLO-like).
+
+Follows the hierarchical design of VeLO (Metz et al. 2022, "VeLO: Training versatile
+learned optimizers by scaling up"): the expensive, expressive part runs once per tensor,
+the part that runs per coordinate stays tiny.
+
+* Per tensor, an LSTM (shared by all tensors, `flax.linen.OptimizedLSTMCell`) reads the
+  tensor's statistics (log RMS of every feature channel, the parameter scale, its size
+  and shape class), the global features (step, training fraction, loss) and a global
+  summary: the mean of all tensors' LSTM outputs at the previous step, through which
+  tensors communicate.
+* Its head emits, per tensor, mixing weights over a bank of `num_mlps` tiny MLPs (their
+  weights are averaged, so each coordinate runs ONE tiny MLP) and a log step scale.
+* The per-parameter MLP (`features -> per_param_hidden -> 2`) outputs a direction `d` and
+  log-magnitude `s`; the update is `d * exp(exp_mult * s) * exp(log_scale) * step_mult *
+  param_scale`, where `param_scale = RMS(param) + param_scale_floor` makes steps relative
+  to the tensor's size (the floor lets zero-initialized biases move).
+
+The head also reads its input linearly (a skip connection), so per-tensor step scales
+that are linear in the statistics (e.g. plain SGD) are exactly representable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from learned_opt import features as feats
+from learned_opt.base import (MAX_LOG_SCALE, LearnedOptimizer, cast_like, check_positive,
+                              magnitude_update)
+
+_init = jax.nn.initializers.lecun_normal()
+_TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
+
+
+class HierarchicalState(NamedTuple):
+  """State of `HierarchicalLOpt`."""
+  features: feats.FeatureState
+  lstm_c: jax.Array   # [n_tensors, tensor_hidden]
+  lstm_h: jax.Array   # [n_tensors, tensor_hidden]
+  summary: jax.Array  # [tensor_hidden]: mean of lstm_h over tensors, previous step
+
+  @property
+  def step(self):
+    return self.features.step
+
+
+class HierarchicalLOpt(LearnedOptimizer):
+  """Hierarchical learned optimizer: per-tensor LSTM + mixture of tiny per-parameter MLPs.
+
+  Attributes:
+    tensor_hidden: width of the per-tensor LSTM.
+    num_mlps: size of the bank of per-parameter MLPs the LSTM mixes.
+    per_param_hidden: hidden width of the per-parameter MLP (keep tiny: its cost is paid
+      for every coordinate).
+    features, momentum_decays, rms_decay, loss_decays: feature selection, see
+      `learned_opt.features`.
+    exp_mult, step_mult: see the module docstring.
+    param_scale_floor: added to the tensor RMS in `param_scale`.
+    weight_decay: decoupled weight decay; adds `-step_mult * weight_decay * param`.
+    mup: if True, multiply the update of every >=2-D tensor by
+      `sqrt(mup_base_fan_in / fan_in)`: the relative-to-RMS step already scales as
+      1/sqrt(fan_in) under a muP/standard init, the square root completes muP's 1/fan_in.
+    mup_base_fan_in: the fan-in at which the muP multiplier is 1.
+  """
+
+  name: ClassVar[str] = "hierarchical"
+  tensor_hidden: int = struct.field(pytree_node=False, default=32)
+  num_mlps: int = struct.field(pytree_node=False, default=4)
+  per_param_hidden: int = struct.field(pytree_node=False, default=4)
+  features: tuple = struct.field(pytree_node=False, default=(
+      "grad", "param", "momentum", "rms", "adam", "step_embed"))
+  momentum_decays: tuple = struct.field(pytree_node=False, default=(0.9, 0.99))
+  rms_decay: float = struct.field(pytree_node=False, default=0.999)
+  loss_decays: tuple = struct.field(pytree_node=False, default=(0.9, 0.99))
+  exp_mult: float = struct.field(pytree_node=False, default=0.001)
+  step_mult: float = struct.field(pytree_node=False, default=0.01)
+  param_scale_floor: float = struct.field(pytree_node=False, default=0.01)
+  weight_decay: float = struct.field(pytree_node=False, default=0.0)
+  mup: bool = struct.field(pytree_node=False, default=False)
+  mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
+
+  def __post_init__(self):
+    for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive("exp_mult", self.exp_mult)
+    check_positive("step_mult", self.step_mult)
+    check_positive("param_scale_floor", self.param_scale_floor)
+    check_positive("weight_decay", self.weight_decay, allow_zero=True)
+    check_positive("mup_base_fan_in", self.mup_base_fan_in)
+    self.spec  # validates the feature selection now
+
+  @property
+  def spec(self) -> feats.FeatureSpec:
+    return feats.FeatureSpec(tuple(self.features), tuple(self.momentum_decays),
+                             self.rms_decay, tuple(self.loss_decays))
+
+  def feature_names(self):
+    return self.spec.all_names() + _TENSOR_STATS
+
+  @property
+  def _cell(self) -> nn.OptimizedLSTMCell:
+    return nn.OptimizedLSTMCell(features=self.tensor_hidden)
+
+  def _tensor_input_size(self) -> int:
+    spec = self.spec
+    return (len(spec.tensor_names()) + len(_TENSOR_STATS) + len(spec.global_names())
+            + self.tensor_hidden)
+
+  def init_meta_params(self, key):
+    n_p, hid, k_mlps = len(self.spec.param_names()), self.per_param_hidden, self.num_mlps
+    d_in = self._tensor_input_size()
+    k = jax.random.split(key, 6)
+    x = jnp.zeros((1, d_in))
+    carry = self._cell.initialize_carry(k[0], x.shape)
+    lstm = self._cell.init(k[0], carry, x)["params"]
+    n_out = k_mlps + 1  # mixing logits, log step scale
+    # Small head: the bank starts uniformly mixed and the step scale near exp(0) = 1.
+    theta = {
+        "lstm": lstm,
+        "head": {"w_h": _init(k[1], (self.tensor_hidden, n_out)) * 0.01,
+                 "w_in": _init(k[2], (d_in, n_out)) * 0.01, "b": jnp.zeros((n_out,))},
+        "bank": {"w1": jax.vmap(lambda kk: _init(kk, (n_p, hid)))(jax.random.split(k[3], k_mlps)),
+                 "b1": jnp.zeros((k_mlps, hid)),
+                 "w2": jax.vmap(lambda kk: _init(kk, (hid, 2)))(jax.random.split(k[4], k_mlps)),
+                 "b2": jnp.zeros((k_mlps, 2))},
+    }
+    return jax.tree.map(lambda a: a.astype(jnp.float32), theta)
+
+  def init(self, meta_params, params, *, num_steps=None):
+    del meta_params
+    n = len(jax.tree.leaves(params))
+    zeros = jnp.zeros((n, self.tensor_hidden), jnp.float32)
+    return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros, zeros,
+                             jnp.zeros((self.tensor_hidden,), jnp.float32))
+
+  def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
+    del key, value_fn
+    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss)
+    leaves, treedef = jax.tree.flatten(params)
+    n = len(leaves)
+    p32 = [jnp.asarray(p, jnp.float32) for p in leaves]
+    param_scale = jnp.stack([jnp.sqrt(jnp.mean(jnp.square(p))) for p in p32]) + self.param_scale_floor
+    shape_stats = jnp.asarray([[math.log(max(math.prod(jnp.shape(p)), 1)) / 10.0,
+                                float(feats._is_matrix(jnp.shape(p)))] for p in leaves],
+                              jnp.float32).reshape(n, 2)
+    x_in = jnp.concatenate([
+        f.per_tensor, jnp.log(param_scale)[:, None], shape_stats,
+        jnp.broadcast_to(f.global_, (n, f.global_.shape[0])),
+        jnp.broadcast_to(state.summary, (n, self.tensor_hidden))], axis=1)
+    (c, h), _ = self._cell.apply({"params": meta_params["lstm"]}, (state.lstm_c, state.lstm_h), x_in)
+    head = meta_params["head"]
+    out = h @ head["w_h"] + x_in @ head["w_in"] + head["b"]   # [n, num_mlps + 1]
+    mix = jax.nn.softmax(out[:, :self.num_mlps], axis=-1)      # [n, K]
+    log_scale = jnp.clip(out[:, self.num_mlps], -MAX_LOG_SCALE, MAX_LOG_SCALE)
+    bank = meta_params["bank"]
+    # Mixing weights, not outputs: each coordinate then runs a single tiny MLP.
+    w1 = jnp.einsum("nk,kfh->nfh", mix, bank["w1"])
+    b1 = mix @ bank["b1"]
+    w2 = jnp.einsum("nk,khd->nhd", mix, bank["w2"])
+    b2 = mix @ bank["b2"]
+    step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
+    updates = []
+    for i, (x, p) in enumerate(zip(f.per_param, p32)):
+      o = jax.nn.relu(x @ w1[i] + b1[i]) @ w2[i] + b2[i]
+      u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult, step_mult=step[i])
+      if self.weight_decay:
+        u = u - self.step_mult * self.weight_decay * p
+      if self.mup:
+        u = u * feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in, power=0.5)
+      updates.append(u)
+    new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
+    return cast_like(jax.tree.unflatten(treedef, updates), params), new_state
