@@ -119,6 +119,18 @@ def to_float32(tree):
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
 
 
+# Squares of gradient entries must stay finite in float32 (max ~3e38): entries are
+# clipped to +-1e12 and NaNs read as 0, so one bad coordinate never poisons a tensor.
+GRAD_BOUND = 1e12
+
+
+def sanitize(g: jax.Array) -> jax.Array:
+  """float32 gradient with NaN -> 0 and entries clipped to +-GRAD_BOUND."""
+  g = jnp.asarray(g, jnp.float32)
+  return jnp.clip(jnp.nan_to_num(g, nan=0.0, posinf=GRAD_BOUND, neginf=-GRAD_BOUND),
+                  -GRAD_BOUND, GRAD_BOUND)
+
+
 def cast_like(updates, params):
   """Casts each update leaf to the dtype of the matching parameter (e.g. bfloat16)."""
   return jax.tree.map(lambda u, p: u.astype(jnp.asarray(p).dtype), updates, params)
@@ -183,7 +195,7 @@ class LearnedLR(LearnedOptimizer):
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
     del loss, key, value_fn
     lr = jnp.exp(meta_params["log_lr"])
-    g = to_float32(grads)
+    g = jax.tree.map(sanitize, grads)
     step = state.step + 1
     if self.direction == "sgd":
       d, mu, nu = g, (), ()

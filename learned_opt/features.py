@@ -46,6 +46,8 @@ from typing import Any, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from learned_opt.base import horizon_array, sanitize
+
 try:  # optax exposes this only from its contrib/_muon module (no public alias in 0.2.x).
   from optax.contrib._muon import orthogonalize_via_newton_schulz as _optax_orthogonalize
 except ImportError:  # pragma: no cover - depends on the optax version
@@ -58,9 +60,6 @@ FRAC_CENTERS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # Keller Jordan's quintic Newton-Schulz coefficients (the ones optax's muon uses).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
-# Squares of gradient entries must stay finite in float32 (max ~3e38): entries are
-# clipped to +-1e12 and NaNs read as 0, so one bad coordinate never poisons a tensor.
-GRAD_BOUND = 1e12
 # Added under square roots: keeps 0/0 at 0 and is far below any meaningful RMS.
 TINY = 1e-30
 CLIP = 3.0
@@ -176,7 +175,6 @@ def _zeros(shape):
 
 def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
   """Zero accumulators for `params`; `num_steps` as given to `LearnedOptimizer.init`."""
-  from learned_opt.base import horizon_array  # local: base imports nothing from here
   leaves = jax.tree.leaves(params)
   k = len(spec.momentum_decays)
   momenta = [_zeros(jnp.shape(p) + (k,)) for p in leaves] if spec.needs_momenta else ()
@@ -191,13 +189,6 @@ def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
       num_steps=horizon_array(num_steps, required=spec.needs_horizon, who="this optimizer"),
       momenta=momenta, nu=nu, rows=rows, cols=cols,
       loss_ema=_zeros((len(spec.loss_decays),)), loss_first=_zeros(()))
-
-
-def sanitize(g: jax.Array) -> jax.Array:
-  """float32 gradient with NaN -> 0 and entries clipped to +-GRAD_BOUND."""
-  g = jnp.asarray(g, jnp.float32)
-  return jnp.clip(jnp.nan_to_num(g, nan=0.0, posinf=GRAD_BOUND, neginf=-GRAD_BOUND),
-                  -GRAD_BOUND, GRAD_BOUND)
 
 
 def _newton_schulz(x: jax.Array) -> jax.Array:
@@ -247,9 +238,10 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
         c = b * c + (1.0 - b) * jnp.mean(g2, axis=0)
         inv_r = jax.lax.rsqrt(r + TINY)[:, None]
         inv_c = jax.lax.rsqrt(c + TINY)[None, :]
-        v_hat_inv = inv_r * inv_c * jnp.sqrt(jnp.mean(r) + TINY)
+        # v_hat = r c^T / mean(r), formed from r / mean(r) so no product overflows.
+        v_hat = (r / (jnp.mean(r) + TINY))[:, None] * c[None, :]
         g_2d = g.reshape(-1, shape[-1])
-        chans += [(g_2d * v_hat_inv).reshape(shape),
+        chans += [(g_2d * jax.lax.rsqrt(v_hat + TINY)).reshape(shape),
                   jnp.broadcast_to(inv_r, g_2d.shape).reshape(shape),
                   jnp.broadcast_to(inv_c, g_2d.shape).reshape(shape)]
       else:
