@@ -216,10 +216,10 @@ def dump_config(cfg: MetaTrainConfig) -> str:
 # ---- building objects -------------------------------------------------------------------
 # Registered learned optimizers: name -> "module:Class" (imported on use).
 LOPTS = {
-    "learned_lr": "learned_opt.lr_lopt:LearnedLR",
-    "per_param_mlp": "learned_opt.mlp_lopt:PerParamMLP",
-    "per_param_lstm": "learned_opt.lstm_lopt:PerParamLSTM",
-    "hierarchical": "learned_opt.hierarchical:HierarchicalLOpt",
+    "learned_lr": "learned_opt:LearnedLR",
+    "per_param_mlp": "learned_opt:PerParamMLP",
+    "per_param_lstm": "learned_opt:PerParamLSTM",
+    "hierarchical": "learned_opt:HierarchicalLOpt",
 }
 
 

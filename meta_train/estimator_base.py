@@ -41,8 +41,8 @@ class GradEstimate:
     meta_loss: [] mean normalized meta-loss of the pairs (average of the two signs).
     num_pairs: [] how many antithetic pairs were averaged (weights when combining).
     counts: int32 [] counters summed over pairs: "nonfinite" (loss differences zeroed),
-      "clipped" (differences clipped), "resets" (tasks restarted), "diverged" (steps
-      with a non-finite inner loss).
+      "clipped" (differences clipped), "resets" (tasks restarted), "diverged" (task
+      steps where a member's inner loss was not finite).
   """
   grad: MetaParams
   meta_loss: jax.Array
@@ -216,7 +216,7 @@ class GradientEstimator(struct.PyTreeNode, abc.ABC):
   def _finish(self, grad_sum, meta_loss, counts, out, n):
     counts = {**counts,
               "resets": jnp.sum(out.reset[:, 0]).astype(jnp.int32),
-              "diverged": jnp.sum(out.diverged).astype(jnp.int32)}
+              "diverged": jnp.sum(jnp.any(out.diverged, axis=1)).astype(jnp.int32)}
     return GradEstimate(grad=jax.tree.map(lambda g: g / n, grad_sum),
                         meta_loss=jnp.mean(meta_loss),
                         num_pairs=jnp.asarray(n, jnp.int32), counts=counts)
