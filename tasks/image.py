@@ -134,7 +134,7 @@ class MLPImageFamily(ImageClassificationFamily):
 
 class ConvNetFamily(ImageClassificationFamily):
   """Small conv net; channel fraction, activation, init scale and batch size sampled."""
-  channels: tuple[int, ...] = struct.field(pytree_node=False, default=(16, 32, 32))
+  channels: tuple[int, ...] = struct.field(pytree_node=False, default=(8, 16, 16))
 
   @property
   def model(self):

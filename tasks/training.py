@@ -28,7 +28,8 @@ def train(task: Task, optimizer: optax.GradientTransformation, *, num_steps: int
 
   Args:
     task: the inner problem.
-    optimizer: any optax transform (with or without extra args).
+    optimizer: any optax transform (with or without extra args). It is a static
+      argument of the compiled loop: reuse one instance to avoid recompiling.
     num_steps: number of updates (static).
     key: PRNG key for the initialization and the batches.
     full_batch: use the task's deterministic full batch at every step.
