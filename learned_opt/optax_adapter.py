@@ -22,8 +22,10 @@ def to_optax(lopt: LearnedOptimizer, meta_params, *, num_steps: Optional[int] = 
 
   The returned transform's `update(updates, state, params, *, loss=None, key=None,
   value_fn=None, **extra)` takes the gradients as `updates` and returns additive updates,
-  so it composes inside `optax.chain` (e.g. after `optax.clip_by_global_norm`, before
-  `optax.add_decayed_weights`); `optax.chain` forwards `loss`/`value_fn`/`key` to it.
+  so it composes inside `optax.chain`, which forwards `loss`/`value_fn`/`key` to it: e.g.
+  after `optax.clip_by_global_norm`. Its outputs are already signed steps (no
+  `optax.scale(-lr)` follows), so decoupled weight decay after it is
+  `optax.add_decayed_weights(-lr * wd)`; L2 regularization goes before it.
   Params may be any pytree (linen dicts, `nnx.State`) of float32 or bfloat16 leaves; the
   optimizer state is float32 and updates come back in each parameter's dtype.
 

@@ -18,7 +18,7 @@ def test_chain_with_clipping_and_weight_decay_no_recompile():
   lopt = lo.PerParamMLP(features=("grad", "momentum", "loss", "train_frac"))
   theta = lopt.init_meta_params(jax.random.key(0))
   tx = optax.chain(optax.clip_by_global_norm(1.0), lo.to_optax(lopt, theta, num_steps=5),
-                   optax.add_decayed_weights(1e-2))
+                   optax.add_decayed_weights(-1e-2))  # outputs are signed steps
   params = {"w": jnp.full((4, 3), 2.0, jnp.float32), "b": jnp.zeros((3,))}  # not weak-typed
   state = tx.init(params)
   traces = []
