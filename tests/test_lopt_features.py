@@ -1,0 +1,118 @@
+"""Feature values: per-tensor normalization, Adafactor, Muon, horizons, loss features."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from learned_opt import features as F
+
+ALL = F.PARAM_GROUPS + F.GLOBAL_GROUPS
+
+
+def _run(spec, grads_seq, params, losses, num_steps=4):
+  state = F.init_state(spec, params, num_steps)
+  compute = jax.jit(lambda g, s, l: F.compute(spec, g, params, s, loss=l))
+  out = None
+  for g, l in zip(grads_seq, losses):
+    out, state = compute(g, state, jnp.float32(l))
+  return out, state
+
+
+def _problem(steps=3):
+  key = jax.random.key(0)
+  params = {"w": jax.random.normal(key, (8, 6)), "conv": jax.random.normal(key, (3, 3, 2, 4)),
+            "b": jnp.zeros((6,))}
+  grads = [jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(key, i), p.shape) * 10.0 ** i,
+                        params) for i in range(steps)]
+  return params, grads
+
+
+def test_shapes_names_and_per_tensor_normalization():
+  spec = F.FeatureSpec(ALL)
+  params, grads = _problem()
+  f, state = _run(spec, grads, params, [3.0, 2.0, 1.0])
+  leaves = jax.tree.leaves(params)
+  assert len(f.per_param) == len(leaves)
+  for x, p in zip(f.per_param, leaves):
+    assert x.shape == p.shape + (len(spec.param_names()),)
+    rms = jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(p.ndim))))
+    nonzero = rms > 0
+    # Every channel has RMS 1 over its tensor (channels that are exactly 0 stay 0).
+    np.testing.assert_allclose(rms[nonzero], 1.0, rtol=1e-4)
+  assert f.per_tensor.shape == (len(leaves), len(spec.tensor_names()))
+  assert f.global_.shape == (len(spec.global_names()),)
+  assert int(state.step) == 3
+  # log RMS of the gradient channel is the log of the raw gradient's RMS.
+  g_w = grads[-1]["w"]
+  i_w = [k for k, _ in sorted(params.items())].index("w")
+  np.testing.assert_allclose(f.per_tensor[i_w, spec.tensor_names().index("log_rms/grad")],
+                             jnp.log(jnp.sqrt(jnp.mean(g_w ** 2))), rtol=1e-5)
+
+
+def test_adafactor_channels_match_factored_second_moment():
+  spec = F.FeatureSpec(("adafactor",), rms_decay=0.5)
+  params = {"w": jnp.ones((5, 3))}
+  g1 = {"w": jax.random.normal(jax.random.key(1), (5, 3))}
+  g2 = {"w": jax.random.normal(jax.random.key(2), (5, 3))}
+  f, state = _run(spec, [g1, g2], params, [0.0, 0.0])
+  r = 0.25 * jnp.mean(g1["w"] ** 2, 1) + 0.5 * jnp.mean(g2["w"] ** 2, 1)
+  c = 0.25 * jnp.mean(g1["w"] ** 2, 0) + 0.5 * jnp.mean(g2["w"] ** 2, 0)
+  np.testing.assert_allclose(state.rows[0], r, rtol=1e-6)
+  direction = g2["w"] / jnp.sqrt(jnp.outer(r, c) / jnp.mean(r))
+  direction = direction / jnp.sqrt(jnp.mean(direction ** 2))
+  np.testing.assert_allclose(f.per_param[0][..., 0], direction, rtol=1e-5)
+  # Row factor is constant along columns, column factor constant along rows.
+  assert float(jnp.ptp(f.per_param[0][..., 1], axis=1).max()) == 0.0
+  assert float(jnp.ptp(f.per_param[0][..., 2], axis=0).max()) == 0.0
+
+
+def test_muon_channel_is_orthogonalized_momentum():
+  spec = F.FeatureSpec(("muon", "momentum"), momentum_decays=(0.0, 0.95))
+  # An ill-conditioned gradient: singular values 1 .. 1e-3.
+  u, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(3), (12, 12)))
+  v, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(4), (6, 6)))
+  g = (u[:, :6] * jnp.logspace(0, -3, 6)) @ v.T
+  f, _ = _run(spec, [{"w": g}], {"w": jnp.zeros((12, 6))}, [0.0])
+  s_muon = jnp.linalg.svd(f.per_param[0][..., 0], compute_uv=False)
+  s_mom = jnp.linalg.svd(f.per_param[0][..., 2], compute_uv=False)
+  assert float(s_mom.max() / s_mom.min()) > 500
+  assert float(s_muon.max() / s_muon.min()) < 4  # Newton-Schulz flattens the spectrum
+  # It approximates the polar factor U V^T of the momentum.
+  polar = u[:, :6] @ v.T
+  muon = f.per_param[0][..., 0]
+  cos = jnp.sum(muon * polar) / (jnp.linalg.norm(muon) * jnp.linalg.norm(polar))
+  assert float(cos) > 0.9
+
+
+def test_training_fraction_saturates_past_horizon_and_step_embed():
+  spec = F.FeatureSpec(("grad", "train_frac", "step_embed"))
+  params = {"w": jnp.ones((2,))}
+  names = spec.global_names()
+  fracs = []
+  state = F.init_state(spec, params, 4)
+  for _ in range(7):
+    f, state = F.compute(spec, params, params, state)
+    fracs.append(float(f.global_[names.index("train_frac")]))
+  assert fracs == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+  np.testing.assert_allclose(f.global_[names.index("step_embed@10")], np.tanh(6 / 10 - 1), rtol=1e-6)
+
+
+def test_loss_features_are_relative_and_clipped():
+  spec = F.FeatureSpec(("grad", "loss"), loss_decays=(0.5,))
+  params = {"w": jnp.ones((2,))}
+  f, _ = _run(spec, [params] * 2, params, [4.0, 2.0])
+  # ema after two steps: 0.5 * 4 + 0.5 * 2 = 3; loss vs ema = (2 - 3) / 3; ema vs first = -1/4.
+  np.testing.assert_allclose(f.global_, [-1.0 / 3.0, -0.25], rtol=1e-6)
+  f, _ = _run(spec, [params] * 2, params, [1.0, float("nan")])
+  assert bool(jnp.all(jnp.isfinite(f.global_))) and float(f.global_.max()) == F.LOSS_FEATURE_CLIP
+
+
+def test_bad_feature_selection_is_named():
+  with pytest.raises(ValueError, match="saferate"):
+    F.FeatureSpec(("grad", "saferate"))
+  with pytest.raises(ValueError, match="repeat"):
+    F.FeatureSpec(("grad", "grad"))
+  with pytest.raises(ValueError, match="per-parameter group"):
+    F.FeatureSpec(("loss",))
+  with pytest.raises(ValueError, match="tuple of names"):
+    F.FeatureSpec("grad")
