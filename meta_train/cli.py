@@ -11,6 +11,8 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
   from learned_opt.meta_train import cli_tasks
   cli_tasks.add_parser(sub)
   # -- subcommands added by later modules go below this line --
+  from learned_opt.meta_train import cli_meta
+  cli_meta.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

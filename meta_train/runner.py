@@ -67,8 +67,8 @@ def _check_run_dir(cfg, run_dir: str, resume: bool) -> None:
 
 def export_meta_params(path: str, lopt, meta_params, info: dict) -> str:
   """Writes the meta-parameters in the learned_opt checkpoint format."""
-  from learned_opt import checkpoint
-  checkpoint.save(path, lopt, meta_params, info)
+  import learned_opt
+  learned_opt.save(path, lopt, meta_params, info)
   return path
 
 

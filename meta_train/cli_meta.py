@@ -1,0 +1,62 @@
+"""`lopt meta-train CONFIG` and `lopt plot RUN`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("meta-train", help="meta-train a learned optimizer from a YAML config")
+  p.add_argument("config", nargs="?", default=None,
+                 help="YAML config (a path, or the name of a shipped config such as 'tiny')")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set estimator.sigma=0.02 (repeatable)")
+  p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
+  p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_meta_train)
+
+  p = sub.add_parser("plot", help="plot a meta-training run's meta-loss and gradient norm (PNG)")
+  p.add_argument("run", help="run folder written by `lopt meta-train`")
+  p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/plots)")
+  p.add_argument("--smooth", type=int, default=10, help="moving-average window")
+  p.set_defaults(func=_plot)
+
+
+def resolve_config_path(name: str) -> str:
+  """A config path as given, else a config shipped in learned_opt.configs."""
+  if os.path.exists(name):
+    return name
+  import importlib.resources
+  shipped = importlib.resources.files("learned_opt.configs")
+  candidate = shipped / (name if name.endswith(".yaml") else name + ".yaml")
+  if candidate.is_file():
+    return str(candidate)
+  names = sorted(f.name[:-5] for f in shipped.iterdir() if f.name.endswith(".yaml"))
+  raise ValueError(f"config {name!r} is neither a file nor a shipped config; shipped: {', '.join(names)}")
+
+
+def _meta_train(args) -> int:
+  from learned_opt.meta_train import config as config_lib
+  from learned_opt.meta_train.runner import run_meta_training
+  path = resolve_config_path(args.config) if args.config else None
+  cfg = config_lib.load_config(path, args.overrides)
+  out = args.out or os.path.join("runs", cfg.name)
+  try:
+    result = run_meta_training(cfg, out, resume=args.resume, progress=not args.no_progress)
+  except KeyboardInterrupt:
+    print(f"\ninterrupted; checkpoint written. Continue with: lopt meta-train "
+          f"{args.config or ''} --out {out} --resume", file=sys.stderr)
+    return 130
+  print(f"run folder: {result.run_dir}")
+  if result.export_path:
+    print(f"meta-parameters: {result.export_path}")
+  return 0
+
+
+def _plot(args) -> int:
+  from learned_opt.meta_train.plot import plot_run
+  for path in plot_run(args.run, args.out, smooth=args.smooth):
+    print(path)
+  return 0
