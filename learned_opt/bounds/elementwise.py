@@ -1,0 +1,244 @@
+"""Sharp second-order remainder enclosures of the elementwise functions losses use.
+
+For a scalar function f, a point x0 and an interval [lo, hi] holding x0, a rule returns
+an interval holding the remainder coefficient
+
+    r(x) = (f(x) - f(x0) - f'(x0) (x - x0)) / (x - x0)^2     for every x in [lo, hi]
+
+(with r(x0) = f''(x0) / 2). Since r(x) = integral_0^1 (1 - s) f''(x0 + s (x - x0)) ds,
+r is monotone wherever f'' is (Streeter & Dillon 2022, "Automatically bounding the
+Taylor remainder series", Thm. 3), so when f'' is monotone on [lo, hi] the exact range
+is [r(lo), r(hi)] (sorted): the *sharp* enclosure. exp, log, log1p, expm1, sqrt, rsqrt,
+1/x, x^2, x^3 have a monotone f'' on their domain. tanh, logistic and softplus have a
+monotone f'' on pieces split at known points; inside one piece the enclosure is sharp,
+across a split it falls back to f''([lo, hi]) / 2 (the Lagrange form; f''([lo, hi]) is
+exact from the end points and the split points inside). Kinks (relu, abs, max with a
+constant) have their own closed form.
+
+r is evaluated in closed form away from x0 and by its Taylor series near x0, where the
+closed form cancels catastrophically; the switch point balances the two errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from learned_opt.bounds.interval import Interval
+
+Fn = Callable[[jax.Array], jax.Array]
+
+
+def _series_radius(dtype) -> float:
+  # Where the series' truncation error (~h^3 f^(5) / 120) meets the closed form's
+  # cancellation error (~eps / h^2), for f^(5) of order 10.
+  return float((8.0 * jnp.finfo(dtype).eps) ** 0.2)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothRule:
+  """A C^4 function with f'' monotone between consecutive `splits`.
+
+  Attributes:
+    name: the primitive's name (error messages).
+    f: the function; d1..d4 its derivatives (all elementwise).
+    splits: points where f'' changes direction of monotonicity (sorted).
+    scale: the length scale at x0 that decides "near" for the series (|x0| for
+      power-like functions, 1 for saturating ones).
+    domain_min: the function is defined only for x > domain_min (a range reaching it
+      gets an unbounded enclosure).
+    remainder_fn: an exact closed form of r(x0, x), if one avoids cancellation.
+  """
+  name: str
+  f: Fn
+  d1: Fn
+  d2: Fn
+  d3: Fn
+  d4: Fn
+  splits: tuple[float, ...] = ()
+  scale: Fn | None = None
+  domain_min: float | None = None
+  remainder_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+
+  def value_and_slope(self, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return self.f(x0), self.d1(x0)
+
+  def _r(self, x0, x, f0, f1, d2, d3, d4):
+    h = x - x0
+    scale = jnp.ones_like(x0) if self.scale is None else self.scale(x0)
+    near = jnp.abs(h) <= _series_radius(x0.dtype) * scale
+    series = d2 / 2 + h * (d3 / 6 + h * d4 / 24)
+    if self.remainder_fn is not None:
+      far = self.remainder_fn(x0, jnp.where(near, x0 + scale, x))
+    else:
+      hs = jnp.where(near, jnp.ones_like(h), h)
+      far = (self.f(x0 + hs) - f0 - f1 * hs) / (hs * hs)
+    return jnp.where(near, series, far)
+
+  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
+    d2, d3, d4 = self.d2(x0), self.d3(x0), self.d4(x0)
+    r_lo = self._r(x0, lo, f0, f1, d2, d3, d4)
+    r_hi = self._r(x0, hi, f0, f1, d2, d3, d4)
+    out_lo, out_hi = jnp.minimum(r_lo, r_hi), jnp.maximum(r_lo, r_hi)
+    if self.splits:
+      crossed = jnp.zeros(x0.shape, bool)
+      g_lo, g_hi = jnp.minimum(self.d2(lo), self.d2(hi)), jnp.maximum(self.d2(lo), self.d2(hi))
+      for s in self.splits:
+        inside = (lo < s) & (s < hi)
+        crossed = crossed | inside
+        g_s = self.d2(jnp.full_like(x0, s))
+        g_lo = jnp.where(inside, jnp.minimum(g_lo, g_s), g_lo)
+        g_hi = jnp.where(inside, jnp.maximum(g_hi, g_s), g_hi)
+      out_lo = jnp.where(crossed, 0.5 * g_lo, out_lo)
+      out_hi = jnp.where(crossed, 0.5 * g_hi, out_hi)
+    if self.domain_min is not None:
+      bad = lo <= self.domain_min
+      out_lo = jnp.where(bad, -jnp.inf, out_lo)
+      out_hi = jnp.where(bad, jnp.inf, out_hi)
+    return Interval(out_lo, out_hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class KinkRule:
+  """f(x) = left * x for x < 0, right * x for x > 0; `at_zero` is the slope used at 0.
+
+  relu is (0, 1, 0), abs is (-1, 1, 0). On the side of 0 that holds x0, r is 0; across
+  the kink r(x) = (right - left) |x| / (x - x0)^2, whose extreme over the far side is at
+  x = -x0 (clipped into [lo, hi]). At x0 = 0 exactly, r is unbounded on a side whose
+  slope differs from `at_zero`.
+  """
+  name: str
+  left: float
+  right: float
+  at_zero: float = 0.0
+
+  def value_and_slope(self, x0):
+    f0 = jnp.where(x0 >= 0, self.right * x0, self.left * x0)
+    f1 = jnp.where(x0 > 0, self.right, jnp.where(x0 < 0, self.left, self.at_zero))
+    return f0, f1.astype(x0.dtype)
+
+  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
+    del f0, f1
+    jump = self.right - self.left
+    crosses = ((x0 > 0) & (lo < 0)) | ((x0 < 0) & (hi > 0))
+    p = jnp.clip(-x0, lo, hi)
+    den = jnp.where(crosses, (p - x0) ** 2, jnp.ones_like(x0))
+    peak = jnp.where(crosses, abs(jump) * jnp.abs(p) / den, 0.0)
+    # x0 == 0: unbounded toward a side whose slope is not the one used at 0.
+    inf = jnp.full_like(x0, jnp.inf)
+    at0 = x0 == 0
+    peak = jnp.where(at0 & (hi > 0) & (self.right != self.at_zero), inf, peak)
+    peak = jnp.where(at0 & (lo < 0) & (self.left != self.at_zero), inf, peak)
+    zero = jnp.zeros_like(x0)
+    return Interval(zero, peak) if jump >= 0 else Interval(-peak, zero)
+
+
+@dataclasses.dataclass(frozen=True)
+class PolyRule:
+  """x^2 (r = 1) and x^3 (r = 3 x0 + h): exact ranges."""
+  name: str
+  power: int
+
+  def value_and_slope(self, x0):
+    return x0 ** self.power, self.power * x0 ** (self.power - 1)
+
+  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
+    del f0, f1
+    if self.power == 2:
+      one = jnp.ones_like(x0)
+      return Interval(one, one)
+    assert self.power == 3, self.power
+    return Interval(2 * x0 + lo, 2 * x0 + hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReciprocalRule:
+  """1/x: r(x) = 1 / (x0^2 x) exactly, decreasing on each side of 0."""
+  name: str = "reciprocal"
+
+  def value_and_slope(self, x0):
+    return 1.0 / x0, -1.0 / (x0 * x0)
+
+  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
+    del f0, f1
+    ok = (lo > 0) | (hi < 0)
+    inv = 1.0 / (x0 * x0)
+    r_lo = jnp.where(ok, inv / hi, -jnp.inf)
+    r_hi = jnp.where(ok, inv / lo, jnp.inf)
+    return Interval(r_lo, r_hi)
+
+
+def _sig(x):
+  return jax.nn.sigmoid(x)
+
+
+def _q(x):
+  s = _sig(x)
+  return s * (1 - s)
+
+
+def _tanh_d1(x):
+  t = jnp.tanh(x)
+  return 1 - t * t
+
+
+def _tanh_d2(x):
+  t = jnp.tanh(x)
+  return -2 * t * (1 - t * t)
+
+
+def _tanh_d3(x):
+  t = jnp.tanh(x)
+  return (6 * t * t - 2) * (1 - t * t)
+
+
+def _tanh_d4(x):
+  t = jnp.tanh(x)
+  return 8 * t * (1 - t * t) * (2 - 3 * t * t)
+
+
+def _log_r(x0, x):
+  u = (x - x0) / x0
+  return (jnp.log1p(u) - u) / ((x - x0) ** 2)
+
+
+# f'' of tanh turns at +-atanh(1/sqrt(3)); of the logistic at +-log(2 + sqrt(3)).
+_TANH_SPLIT = math.atanh(1 / math.sqrt(3))
+_LOGISTIC_SPLIT = math.log(2 + math.sqrt(3))
+
+EXP = SmoothRule("exp", jnp.exp, jnp.exp, jnp.exp, jnp.exp, jnp.exp)
+EXPM1 = SmoothRule("expm1", jnp.expm1, jnp.exp, jnp.exp, jnp.exp, jnp.exp)
+LOG = SmoothRule("log", jnp.log, lambda x: 1 / x, lambda x: -1 / x**2, lambda x: 2 / x**3,
+                 lambda x: -6 / x**4, scale=jnp.abs, domain_min=0.0, remainder_fn=_log_r)
+TANH = SmoothRule("tanh", jnp.tanh, _tanh_d1, _tanh_d2, _tanh_d3, _tanh_d4,
+                  splits=(-_TANH_SPLIT, _TANH_SPLIT))
+LOGISTIC = SmoothRule("logistic", _sig, _q, lambda x: _q(x) * (1 - 2 * _sig(x)),
+                      lambda x: _q(x) * (1 - 6 * _q(x)),
+                      lambda x: _q(x) * (1 - 2 * _sig(x)) * (1 - 12 * _q(x)),
+                      splits=(-_LOGISTIC_SPLIT, _LOGISTIC_SPLIT))
+SOFTPLUS = SmoothRule("softplus", jax.nn.softplus, _sig, _q, lambda x: _q(x) * (1 - 2 * _sig(x)),
+                      lambda x: _q(x) * (1 - 6 * _q(x)), splits=(0.0,))
+SQRT = SmoothRule("sqrt", jnp.sqrt, lambda x: 0.5 * x**-0.5, lambda x: -0.25 * x**-1.5,
+                  lambda x: 0.375 * x**-2.5, lambda x: -0.9375 * x**-3.5, scale=jnp.abs,
+                  domain_min=0.0)
+RSQRT = SmoothRule("rsqrt", jax.lax.rsqrt, lambda x: -0.5 * x**-1.5, lambda x: 0.75 * x**-2.5,
+                   lambda x: -1.875 * x**-3.5, lambda x: 6.5625 * x**-4.5, scale=jnp.abs,
+                   domain_min=0.0)
+RELU = KinkRule("relu", 0.0, 1.0)
+ABS = KinkRule("abs", -1.0, 1.0)
+SQUARE = PolyRule("square", 2)
+CUBE = PolyRule("cube", 3)
+RECIPROCAL = ReciprocalRule()
+
+
+def log1p_rule() -> SmoothRule:
+  shift = lambda fn: (lambda x: fn(1 + x))
+  return SmoothRule("log1p", jnp.log1p, shift(LOG.d1), shift(LOG.d2), shift(LOG.d3), shift(LOG.d4),
+                    scale=lambda x: jnp.abs(1 + x), domain_min=-1.0,
+                    remainder_fn=lambda x0, x: _log_r(1 + x0, 1 + x))
+
+
+LOG1P = log1p_rule()
