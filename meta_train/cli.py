@@ -13,6 +13,8 @@ def _add_subcommands(sub: argparse._SubParsersAction) -> None:
   # -- subcommands added by later modules go below this line --
   from learned_opt.meta_train import cli_meta
   cli_meta.add_parser(sub)
+  from learned_opt.meta_train import cli_eval
+  cli_eval.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

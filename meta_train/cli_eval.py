@@ -1,0 +1,79 @@
+"""`lopt eval` (learned optimizers vs tuned baselines on a suite) and `lopt report RUN`."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("eval", help="evaluate learned optimizers against tuned Adam, Muon and "
+                     "SafeRate on a held-out suite")
+  p.add_argument("--optimizer", action="append", default=None, metavar="NAME_OR_PATH",
+                 help="a shipped learned optimizer, a .lopt file, or saferate+<either> "
+                 "(repeatable; default: every shipped optimizer)")
+  p.add_argument("--suite", default="heldout",
+                 help="heldout, heldout_short, safeguard, or several joined with '+'")
+  p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--baselines", default="adam,muon,saferate",
+                 help="comma-separated baselines (adam is the reference and always runs)")
+  p.add_argument("--lr-grid", type=_floats, default=None,
+                 help="learning rates of the tuned baselines (default: 7 values, 1e-4..1e-1)")
+  p.add_argument("--out", default=None, help="run folder (default: runs/eval_<suite>)")
+  p.add_argument("--data-dir", default=None, help="local dataset root (default: $LOPT_DATA_DIR)")
+  p.add_argument("--workers", type=int, default=1, help="tasks evaluated in parallel processes")
+  p.add_argument("--ray", default=None, metavar="ADDRESS",
+                 help="evaluate tasks on a Ray cluster ('auto' or an address)")
+  p.add_argument("--fresh", action="store_true", help="ignore tasks already in the run folder")
+  p.add_argument("--report", action="store_true", help="also write the markdown report")
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=_eval)
+
+  p = sub.add_parser("report", help="write a markdown report (tables, plots) of an evaluation")
+  p.add_argument("run", help="run folder written by `lopt eval`")
+  p.add_argument("--out", default=None, help="report path (default: RUN/report.md)")
+  p.add_argument("--title", default="lopt evaluation")
+  p.set_defaults(func=_report)
+
+
+def _eval(args) -> int:
+  import learned_opt
+  from learned_opt.meta_train import eval_optimizers, evaluation, report
+
+  learned = args.optimizer if args.optimizer is not None else learned_opt.list_pretrained()
+  baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+  bad = [b for b in baselines if b not in eval_optimizers.BASELINES]
+  if bad:
+    raise ValueError(f"unknown baseline {bad[0]!r}; expected some of {', '.join(eval_optimizers.BASELINES)}")
+  if "saferate" in baselines and not eval_optimizers.saferate_available():
+    print("lopt eval: note: SafeRate is not available in this checkout; skipping it")
+    baselines.remove("saferate")
+  names = ["adam"] + [b for b in baselines if b != "adam"] + list(learned)
+  out = args.out or os.path.join("runs", f"eval_{args.suite.replace('+', '_')}")
+  kwargs = {} if args.lr_grid is None else {"lr_grid": args.lr_grid}
+  results = evaluation.evaluate_suite(
+      args.suite, names, out_dir=out, seeds=args.seeds, data_dir=args.data_dir,
+      tasks=args.tasks.split(",") if args.tasks else None, workers=args.workers,
+      ray_address=args.ray, progress=not args.no_progress, resume=not args.fresh, **kwargs)
+  print(f"{'optimizer':<34} {'beats tuned adam':>16} {'median speedup':>15} {'worst ratio':>12}  diverged")
+  for name, s in results["summary"].items():
+    worst = "n/a" if s["worst_loss_ratio"] is None else f"{s['worst_loss_ratio']:.2f}"
+    print(f"{name:<34} {s['frac_beats_reference']:>15.0%} {s['median_speedup']:>14.2f}x "
+          f"{worst:>12}  {', '.join(s['diverged_tasks']) or 'none'}")
+  print(f"results: {os.path.join(out, evaluation.RESULTS_FILE)}")
+  if args.report:
+    print(f"report: {report.write_report(out)}")
+  return 0
+
+
+def _report(args) -> int:
+  from learned_opt.meta_train import report
+  print(report.write_report(args.run, out=args.out, title=args.title))
+  return 0

@@ -1,0 +1,155 @@
+"""Metrics of `lopt eval` computed from loss curves: speedup, divergence, summaries.
+
+All functions take numpy arrays (host side, after the jitted runs) and return plain
+Python numbers, so results serialize to JSON as they are.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+# Relative slack under which a full-batch loss step counts as "not an increase": float32
+# rounding of a loss that has converged is not an increase.
+MONOTONE_RTOL = 1e-5
+
+
+def finite_or_none(x) -> Optional[float]:
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def smooth(curve: np.ndarray, window: int) -> np.ndarray:
+  """Causal running mean over `window` steps (minibatch losses are noisy); NaN stays NaN."""
+  if window <= 1:
+    return curve.astype(np.float64)
+  c = np.concatenate([[0.0], np.cumsum(curve.astype(np.float64))])
+  idx = np.arange(1, len(curve) + 1)
+  lo = np.maximum(idx - window, 0)
+  return (c[idx] - c[lo]) / (idx - lo)
+
+
+def smoothing_window(num_steps: int, full_batch: bool) -> int:
+  return 1 if full_batch else max(1, num_steps // 20)
+
+
+def steps_to_reach(curve: np.ndarray, target: float) -> Optional[int]:
+  """Number of steps until the (smoothed) curve first reaches `target`; None: never."""
+  hit = np.nonzero(np.isfinite(curve) & (curve <= target))[0]
+  return int(hit[0]) + 1 if hit.size else None
+
+
+def diverged(curves: np.ndarray, final_losses: np.ndarray) -> bool:
+  """Any seed with a non-finite loss, or a final loss above its initial loss.
+
+  Args:
+    curves: [seeds, steps] training losses (step 0 = the initial parameters).
+    final_losses: [seeds] final training losses.
+  """
+  if not (np.all(np.isfinite(curves)) and np.all(np.isfinite(final_losses))):
+    return True
+  return bool(np.any(final_losses > curves[:, 0]))
+
+
+def max_relative_increase(curves: np.ndarray) -> float:
+  """Largest step-to-step loss increase relative to the loss, over seeds (full batch)."""
+  if not np.all(np.isfinite(curves)):
+    return math.inf
+  inc = (curves[:, 1:] - curves[:, :-1]) / np.maximum(np.abs(curves[:, :-1]), 1e-30)
+  return float(max(inc.max(initial=-math.inf), 0.0))
+
+
+def speedups(curves: dict[str, np.ndarray], *, reference: str, window: int) -> dict[str, dict]:
+  """Steps each optimizer needs to reach the reference's final loss, and the speedup.
+
+  Args:
+    curves: optimizer name -> seed-mean loss curve [steps].
+    reference: name of the reference (tuned Adam).
+    window: smoothing window.
+
+  Returns:
+    name -> {"steps_to_target": int | None, "speedup": float | None,
+    "speedup_bound": float}: speedup = reference steps / this optimizer's steps; when
+    the target is never reached, speedup is None and `speedup_bound` (reference steps /
+    budget) is an upper bound of it.
+  """
+  ref = smooth(curves[reference], window)
+  target = ref[-1] if np.isfinite(ref[-1]) else math.inf
+  ref_steps = steps_to_reach(ref, target) or len(ref)
+  out = {}
+  for name, curve in curves.items():
+    steps = steps_to_reach(smooth(curve, window), target)
+    speed = ref_steps / steps if steps else None
+    out[name] = {"steps_to_target": steps, "speedup": speed,
+                 "speedup_bound": speed if speed is not None else ref_steps / len(ref)}
+  return out
+
+
+def summarize(tasks: dict[str, dict], *, reference: str = "adam") -> dict[str, dict]:
+  """Per optimizer: fraction of tasks where it beats `reference`, median speedup, worst case.
+
+  Args:
+    tasks: task name -> task result (see `evaluation.evaluate_task`).
+  """
+  names = []
+  for t in tasks.values():
+    names += [n for n in t["optimizers"] if n not in names]
+  out = {}
+  for name in names:
+    beats, ratios, speeds, divs, n = 0, [], [], [], 0
+    for task_name, t in tasks.items():
+      opts = t["optimizers"]
+      if name not in opts or reference not in opts:
+        continue
+      n += 1
+      mine, ref = opts[name]["final_train_loss"], opts[reference]["final_train_loss"]
+      if opts[name]["diverged"]:
+        divs.append(task_name)
+      if mine is not None and ref is not None:
+        beats += mine < ref
+        ratios.append((mine / ref if ref > 0 else math.inf, task_name))
+      else:
+        ratios.append((math.inf if mine is None else 0.0, task_name))
+      speeds.append(opts[name]["speedup_bound"])
+    if not n:
+      continue
+    worst = max(ratios)
+    out[name] = {
+        "num_tasks": n,
+        "frac_beats_reference": beats / n,
+        "median_speedup": float(np.median(speeds)),
+        "worst_loss_ratio": finite_or_none(worst[0]),
+        "worst_task": worst[1],
+        "diverged_tasks": divs,
+    }
+  return out
+
+
+def downsample(curve: np.ndarray, points: int) -> tuple[list[int], list[Optional[float]]]:
+  """Block means of a curve at <= `points` points, for JSON and plots."""
+  n = len(curve)
+  if n <= points:
+    return list(range(n)), [finite_or_none(v) for v in curve]
+  edges = np.linspace(0, n, points + 1).astype(int)
+  steps = [int(e) for e in edges[:-1]]
+  with np.errstate(all="ignore"):
+    vals = [finite_or_none(np.mean(curve[a:b])) for a, b in zip(edges[:-1], edges[1:])]
+  return steps, vals
+
+
+def jsonable(x: Any) -> Any:
+  """Numpy scalars/arrays to Python numbers/lists; non-finite floats to None."""
+  if isinstance(x, dict):
+    return {k: jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return jsonable(x.tolist())
+  if isinstance(x, (float, np.floating)):
+    return finite_or_none(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.bool_):
+    return bool(x)
+  return x

@@ -1,0 +1,134 @@
+"""The optimizers `lopt eval` compares, resolved from names into `Candidate`s.
+
+A `Candidate` is a factory `make(hparam, aux, num_steps) -> optax transform` plus the
+grid of its one hyperparameter (the learning rate; empty when it has none) and `aux`, a
+pytree of arrays handed to `make` as a traced argument (a learned optimizer's
+meta-parameters). `make` is a module-level function, so one compiled evaluation loop
+serves every task of a shape, every learning rate (vmapped) and every checkpoint of one
+architecture.
+
+Names `resolve` understands:
+  adam, muon          tuned per task over the learning-rate grid
+  saferate            SafeRate on the Adam direction (hyperparameter-free)
+  NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
+  saferate+NAME       SafeRate around that learned optimizer's direction
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import optax
+
+# 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1.
+DEFAULT_LR_GRID: tuple[float, ...] = tuple(float(x) for x in 10.0 ** np.arange(-4.0, -0.99, 0.5))
+BASELINES = ("adam", "muon", "saferate")
+SAFERATE_PREFIX = "saferate+"
+
+
+class Candidate(NamedTuple):
+  """One optimizer under evaluation.
+
+  Attributes:
+    name: its name in results and reports.
+    make: `(hparam, aux, num_steps) -> optax.GradientTransformation`; module-level
+      (hashable by identity), called inside jit with a traced `hparam`.
+    grid: values of the hyperparameter to tune over (the best by final training loss
+      is kept); `()` means none, and `make` gets a dummy 0.
+    aux: pytree of arrays passed to `make` (learned optimizers: `(lopt, meta_params)`).
+    kind: "tuned", "hyperparameter-free" or "learned" (for reports).
+  """
+  name: str
+  make: Callable[..., optax.GradientTransformation]
+  grid: tuple[float, ...] = ()
+  aux: Any = None
+  kind: str = "hyperparameter-free"
+
+
+def _adam(lr, aux, num_steps):
+  del aux, num_steps
+  return optax.adam(lr)
+
+
+def _muon(lr, aux, num_steps):
+  del aux, num_steps
+  try:  # the project's Adam/Muon partition, once the baselines module provides it
+    from learned_opt.baselines import muon
+  except ImportError:
+    # optax's Muon orthogonalizes 2-D weights and runs Adam (same learning rate) on the
+    # rest, which is the partition we want.
+    muon = optax.contrib.muon
+  return muon(lr)
+
+
+def _saferate_module():
+  try:
+    from learned_opt.baselines import saferate
+  except ImportError as e:
+    raise ValueError("SafeRate is not available: learned_opt.baselines.saferate has not "
+                     "landed in this checkout") from e
+  return saferate
+
+
+def _saferate_adam(lr, aux, num_steps):
+  del lr, aux, num_steps
+  return _saferate_module()(optax.scale_by_adam())
+
+
+def _learned(lr, aux, num_steps):
+  del lr
+  import learned_opt
+  lopt, meta_params = aux
+  return learned_opt.to_optax(lopt, meta_params, num_steps=num_steps)
+
+
+def _saferate_learned(lr, aux, num_steps):
+  return _saferate_module()(_learned(lr, aux, num_steps))
+
+
+def saferate_available() -> bool:
+  try:
+    _saferate_module()
+    return True
+  except ValueError:
+    return False
+
+
+def _load_learned(name: str):
+  import learned_opt
+  if name.endswith(".lopt") or os.sep in name:
+    if not os.path.isfile(name):
+      raise ValueError(f"learned optimizer file {name!r} does not exist")
+    lopt, meta_params, _ = learned_opt.load(name)
+    return os.path.basename(name)[:-len(".lopt")] if name.endswith(".lopt") else name, lopt, meta_params
+  if name not in learned_opt.list_pretrained():
+    raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(BASELINES)}, a "
+                     f"shipped learned optimizer {learned_opt.list_pretrained()}, a path to a "
+                     f".lopt file, or saferate+<one of those>")
+  lopt, meta_params, _ = learned_opt.load(learned_opt.pretrained_path(name))
+  return name, lopt, meta_params
+
+
+def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candidate:
+  """The `Candidate` for an optimizer name (see the module docstring).
+
+  Raises:
+    ValueError: unknown name, missing file, a grid with fewer than 2 values, or SafeRate
+      requested before `learned_opt.baselines.saferate` exists.
+  """
+  if len(lr_grid) < 2 or any(not (lr > 0) for lr in lr_grid):
+    raise ValueError(f"lr_grid must hold at least 2 positive learning rates, got {lr_grid!r}")
+  if name == "adam":
+    return Candidate("adam", _adam, tuple(lr_grid), None, "tuned")
+  if name == "muon":
+    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned")
+  if name == "saferate":
+    _saferate_module()
+    return Candidate("saferate", _saferate_adam)
+  if name.startswith(SAFERATE_PREFIX):
+    _saferate_module()
+    inner, lopt, meta_params = _load_learned(name[len(SAFERATE_PREFIX):])
+    return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params), "learned")
+  label, lopt, meta_params = _load_learned(name)
+  return Candidate(label, _learned, (), (lopt, meta_params), "learned")

@@ -1,0 +1,121 @@
+"""Evaluation suites: the registry's held-out suites plus the safeguard stress suite.
+
+The stress suite holds full-batch tasks built so that a plain learned optimizer is
+likely to fail: parameters rescaled 1000x smaller (a step of the size the optimizer
+learned is then 1000x too large in the model's own coordinates) and a 10x longer
+horizon. SafeRate must never increase the full-batch loss there, whatever direction it
+wraps. Suite names join with "+" (`heldout_short+safeguard`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+from flax import struct
+
+from learned_opt.tasks import registry
+from learned_opt.tasks.base import TaskFamily
+from learned_opt.tasks.image import LogisticRegressionFamily
+from learned_opt.tasks.quadratic import QuadraticFamily
+
+
+class RescaledParamsFamily(TaskFamily):
+  """`base` reparameterized as p' = scale * p: same losses, parameters `scale` x larger.
+
+  Gradients scale by 1/scale and curvature by 1/scale^2, so an optimizer whose step
+  size is not relative to the parameters' scale sees a badly conditioned problem.
+
+  Attributes:
+    base: the wrapped family.
+    scale: the factor (e.g. 1e-3: parameters 1000x smaller).
+  """
+  base: TaskFamily
+  scale: float = struct.field(pytree_node=False, default=1e-3)
+
+  def __post_init__(self):
+    if not (isinstance(self.scale, (int, float)) and self.scale > 0):
+      raise ValueError(f"scale must be a positive number, got {self.scale!r}")
+
+  def _unscale(self, params):
+    return jax.tree.map(lambda x: x / self.scale, params)
+
+  def sample(self, key):
+    return self.base.sample(key)
+
+  def default_cfg(self):
+    return self.base.default_cfg()
+
+  def init_params(self, cfg, key):
+    return jax.tree.map(lambda x: x * self.scale, self.base.init_params(cfg, key))
+
+  def loss(self, cfg, params, key, batch):
+    return self.base.loss(cfg, self._unscale(params), key, batch)
+
+  def batch(self, cfg, key, split="train"):
+    return self.base.batch(cfg, key, split)
+
+  def full_batch(self, cfg, split="train"):
+    return self.base.full_batch(cfg, split)
+
+  def reference_loss(self, cfg):
+    return self.base.reference_loss(cfg)
+
+  def metrics(self, cfg, params, batch):
+    return self.base.metrics(cfg, self._unscale(params), batch)
+
+  @property
+  def name(self):
+    return f"{self.base.name}_x{self.scale:g}"
+
+
+def _mnist(data_dir):
+  from learned_opt.tasks import datasets
+  return datasets.image_dataset("mnist", data_dir)
+
+
+def _synthetic(data_dir):
+  from learned_opt.tasks import datasets
+  return datasets.image_dataset("synthetic", data_dir)
+
+
+_LONG = 10 * registry.META_TRAIN_HORIZON
+SAFEGUARD_SUITE: dict[str, registry.SuiteTask] = {t.name: t for t in [
+    registry.SuiteTask(
+        "logreg_mnist_fullbatch_x1e-3",
+        lambda d: RescaledParamsFamily(LogisticRegressionFamily(_mnist(d)), 1e-3), 300, "mnist",
+        "logistic regression on 1000 MNIST images, full batch, parameters 1000x smaller",
+        full_batch=True),
+    registry.SuiteTask(
+        "quadratic_illcond_fullbatch_x1e-3",
+        lambda d: RescaledParamsFamily(QuadraticFamily(dim=64, log10_cond_range=(4.0, 4.0)), 1e-3),
+        _LONG, "offline", "64-d quadratic, condition 1e4, full batch, 10x horizon, "
+        "parameters 1000x smaller", full_batch=True),
+    registry.SuiteTask(
+        "logreg_synthetic_fullbatch_long", lambda d: LogisticRegressionFamily(_synthetic(d)),
+        _LONG, "offline", "logistic regression on synthetic images, full batch, 10x horizon",
+        full_batch=True),
+]}
+
+
+def suites() -> dict[str, dict[str, registry.SuiteTask]]:
+  """Name -> suite (task name -> `SuiteTask`)."""
+  out = dict(getattr(registry, "SUITES", {"heldout": registry.HELDOUT_SUITE}))
+  out["safeguard"] = SAFEGUARD_SUITE
+  return out
+
+
+def get_suite(name: str, data_dir: Optional[str] = None) -> dict[str, registry.SuiteTask]:
+  """The suite `name`, or the union of "+"-joined suite names, in order.
+
+  Raises:
+    ValueError: an unknown suite name (the message lists the known ones).
+  """
+  del data_dir  # tasks load their data lazily, when built
+  known = suites()
+  out = {}
+  for part in name.split("+"):
+    if part not in known:
+      raise ValueError(f"unknown suite {part!r}; known suites: {', '.join(known)} "
+                       "(join several with '+')")
+    out.update(known[part])
+  return out

@@ -1,0 +1,288 @@
+"""Generalization evaluation: train every task of a suite with every optimizer; compare.
+
+`evaluate_task` trains one held-out task with each `Candidate` (see `eval_optimizers`)
+on the same seeds, hence the same initializations and the same minibatches, and the
+same step budget. Tuned baselines run their whole learning-rate grid in one vmapped,
+jitted loop and keep the value with the best mean final training loss (the whole grid
+is recorded). `evaluate_suite` does this for a suite (in-process, in worker processes,
+or on a Ray cluster), writes `results.json` after every task (so an interrupted
+evaluation resumes) and summarizes against tuned Adam with `eval_metrics.summarize`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from learned_opt.meta_train import eval_metrics as M
+from learned_opt.meta_train import eval_optimizers
+from learned_opt.meta_train.eval_suites import get_suite
+from learned_opt.tasks.registry import SuiteTask
+
+RESULTS_FILE = "results.json"
+RESULTS_FORMAT = 1
+REFERENCE = "adam"
+CURVE_POINTS = 200
+EVAL_BATCHES = 8
+_EVAL_KEY = 2**31 - 1  # seed of the evaluation batches: the same for every optimizer
+
+# Python side effect, counts traces of `run_grid` (tests assert no recompilation).
+TRACE_COUNT = [0]
+
+
+@functools.partial(jax.jit, static_argnames=("make", "num_steps", "full_batch"))
+def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_steps: int,
+             full_batch: bool):
+  """Trains `task` with `make(h, aux, num_steps)` for every h in `hparams` and every key.
+
+  The loop is `learned_opt.tasks.train`'s (same key splits, hence the same
+  initialization and batches per key, and the same `loss`/`value_fn`/`key` extra
+  arguments), written again here because `tasks.train` takes the optimizer as a static
+  argument: a learning-rate grid would compile once per value, while here the value is
+  traced and the grid is vmapped into one compilation.
+
+  Args:
+    task: a `Task`.
+    hparams: [H] hyperparameter values (learning rates).
+    keys: [S] PRNG keys, one per seed.
+    aux: pytree of arrays for `make` (a learned optimizer's meta-parameters).
+    make: `(h, aux, num_steps) -> optax transform`, hashable (module-level function).
+    num_steps: the step budget.
+    full_batch: train on the deterministic full batch.
+
+  Returns:
+    (losses [H, S, num_steps] training loss before each update,
+     final_train [H, S] final training loss (full batch, or mean of EVAL_BATCHES fixed
+     train batches), final_test [H, S] the same on the test split).
+  """
+  TRACE_COUNT[0] += 1
+  eval_keys = jax.random.split(jax.random.key(_EVAL_KEY), EVAL_BATCHES)
+
+  def eval_loss(params, split):
+    if full_batch:
+      return task.loss(params, eval_keys[0], task.full_batch(split))
+    return jnp.mean(jax.vmap(lambda k: task.loss(params, k, task.batch(k, split)))(eval_keys))
+
+  def one(h, key):
+    opt = optax.with_extra_args_support(make(h, aux, num_steps))
+    k_init, k_data = jax.random.split(key)
+    params = task.init(k_init)
+    fixed_batch = task.full_batch() if full_batch else None
+
+    def step(carry, step_key):
+      params, opt_state = carry
+      batch = fixed_batch if full_batch else task.batch(step_key)
+      value_fn = lambda p: task.loss(p, step_key, batch)
+      loss, grads = jax.value_and_grad(value_fn)(params)
+      updates, opt_state = opt.update(grads, opt_state, params, loss=loss, value_fn=value_fn,
+                                      key=step_key)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
+                                       jax.random.split(k_data, num_steps))
+    return losses, eval_loss(params, "train"), eval_loss(params, "test")
+
+  return jax.vmap(lambda h: jax.vmap(lambda k: one(h, k))(keys))(hparams)
+
+
+def seed_keys(seeds: int, first_seed: int = 0) -> jax.Array:
+  if not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+  return jax.vmap(jax.random.key)(jnp.arange(first_seed, first_seed + seeds))
+
+
+def _best_index(final_train: np.ndarray) -> int:
+  mean = np.mean(np.where(np.isfinite(final_train), final_train, np.inf), axis=1)
+  return int(np.argmin(mean))
+
+
+def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Candidate], *,
+                  seeds: int = 3, first_seed: int = 0, data_dir: Optional[str] = None,
+                  curve_points: int = CURVE_POINTS, on_candidate=None) -> dict:
+  """Trains one suite task with every candidate; returns its JSON-able result.
+
+  Args:
+    suite_task: the task, its step budget and batch mode.
+    candidates: optimizers to compare (the one named `REFERENCE`, tuned Adam, is the
+      reference of the speedups when present).
+    seeds: number of seeds (initializations and batch orders), the same for all.
+    first_seed: seed of the first run.
+    data_dir: local dataset root (default: $LOPT_DATA_DIR).
+    curve_points: loss-curve points kept per optimizer in the result.
+    on_candidate: optional callback(candidate_name) after each candidate (progress).
+
+  Returns:
+    {"num_steps", "full_batch", "description", "data", "optimizers": {name: {...}}}.
+  """
+  task = suite_task.build(data_dir).task()
+  keys = seed_keys(seeds, first_seed)
+  T, fb = suite_task.num_steps, suite_task.full_batch
+  results, mean_curves = {}, {}
+  for cand in candidates:
+    grid = cand.grid or (0.0,)
+    start = time.perf_counter()
+    losses, final_train, final_test = jax.device_get(run_grid(
+        task, jnp.asarray(grid, jnp.float32), keys, cand.aux, make=cand.make, num_steps=T,
+        full_batch=fb))
+    wall = time.perf_counter() - start
+    best = _best_index(final_train)
+    curves = np.asarray(losses[best], np.float64)
+    mean_curves[cand.name] = curves.mean(axis=0)
+    steps, curve = M.downsample(mean_curves[cand.name], curve_points)
+    res = {
+        "kind": cand.kind,
+        "lr": float(grid[best]) if cand.grid else None,
+        "grid": ({"lr": list(grid), "final_train_loss": M.jsonable(np.mean(final_train, axis=1))}
+                 if cand.grid else None),
+        "final_train_loss": M.finite_or_none(np.mean(final_train[best])),
+        "final_train_loss_per_seed": M.jsonable(final_train[best]),
+        "test_loss": M.finite_or_none(np.mean(final_test[best])),
+        "initial_loss": M.finite_or_none(np.mean(curves[:, 0])),
+        "diverged": M.diverged(curves, final_train[best]),
+        "curve_steps": steps,
+        "curve": curve,
+        "wall_s": wall,
+    }
+    if fb:
+      inc = M.max_relative_increase(curves)
+      res["max_relative_increase"] = M.finite_or_none(inc)
+      res["monotone"] = bool(inc <= M.MONOTONE_RTOL)
+    results[cand.name] = res
+    if on_candidate is not None:
+      on_candidate(cand.name)
+  if REFERENCE in mean_curves:
+    speed = M.speedups(mean_curves, reference=REFERENCE, window=M.smoothing_window(T, fb))
+    for name, s in speed.items():
+      results[name].update(s)
+  return {"num_steps": T, "full_batch": fb, "description": suite_task.description,
+          "data": suite_task.data, "optimizers": results}
+
+
+# ---- suites ------------------------------------------------------------------------------
+def _write_json(path: str, data: dict) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    json.dump(data, f, indent=1, allow_nan=False)
+  os.replace(tmp, path)
+
+
+def load_results(run_dir: str) -> dict:
+  path = os.path.join(run_dir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    raise ValueError(f"{run_dir!r} holds no {RESULTS_FILE}: expected the folder written by "
+                     "`lopt eval --out`")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _task_worker(job: str) -> str:
+  """Evaluates one task in a worker process; JSON in, JSON out (no pickled objects)."""
+  job = json.loads(job)
+  cands = [eval_optimizers.resolve(n, lr_grid=tuple(job["lr_grid"])) for n in job["optimizers"]]
+  suite_task = get_suite(job["suite"], job["data_dir"])[job["task"]]
+  return json.dumps(M.jsonable(evaluate_task(
+      suite_task, cands, seeds=job["seeds"], first_seed=job["first_seed"],
+      data_dir=job["data_dir"])), allow_nan=False)
+
+
+def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str], *, out_dir: str, seeds: int = 3,
+                   first_seed: int = 0, data_dir: Optional[str] = None,
+                   lr_grid: Sequence[float] = eval_optimizers.DEFAULT_LR_GRID,
+                   tasks: Optional[Sequence[str]] = None, workers: int = 1,
+                   ray_address: Optional[str] = None, progress: bool = True,
+                   resume: bool = True) -> dict:
+  """Evaluates `optimizers` on every task of `suite`; writes `out_dir/results.json`.
+
+  Args:
+    suite: a suite name (see `eval_suites.suites()`), or a dict of `SuiteTask`s
+      (evaluated in-process only).
+    optimizers: names for `eval_optimizers.resolve` (baselines included explicitly).
+    out_dir: run folder; `results.json` is rewritten after every task.
+    seeds, first_seed: seeds of every task (the same for all optimizers).
+    data_dir: local dataset root (default: $LOPT_DATA_DIR).
+    lr_grid: learning rates of the tuned baselines.
+    tasks: evaluate only these task names of the suite.
+    workers: tasks evaluated in parallel by this many local processes (1: in-process).
+    ray_address: evaluate tasks on a Ray cluster ("auto" or an address) instead.
+    progress: show a progress bar.
+    resume: keep tasks already in `out_dir/results.json` from a run with the same
+      optimizers, seeds and grid.
+  """
+  lr_grid = tuple(float(x) for x in lr_grid)
+  candidates = [eval_optimizers.resolve(n, lr_grid=lr_grid) for n in optimizers]  # fail early
+  if isinstance(suite, dict):
+    if workers > 1 or ray_address is not None:
+      raise ValueError("a custom suite (a dict) runs in-process only: use workers=1, no Ray")
+    specs, suite = suite, "custom"
+  else:
+    specs = get_suite(suite, data_dir)
+  names = list(specs) if tasks is None else list(tasks)
+  bad = [n for n in names if n not in specs]
+  if bad:
+    raise ValueError(f"unknown task {bad[0]!r} in suite {suite!r}; it has: {', '.join(specs)}")
+  os.makedirs(out_dir, exist_ok=True)
+  import learned_opt
+  results = {"format": RESULTS_FORMAT, "suite": suite, "seeds": seeds, "first_seed": first_seed,
+             "lr_grid": list(lr_grid), "optimizers": [c.name for c in candidates],
+             "reference": REFERENCE, "lopt_version": learned_opt.__version__, "tasks": {}}
+  path = os.path.join(out_dir, RESULTS_FILE)
+  if resume and os.path.isfile(path):
+    old = load_results(out_dir)
+    same = all(old.get(k) == results[k] for k in ("suite", "seeds", "first_seed", "lr_grid", "optimizers"))
+    if same:
+      results["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if k in names}
+  todo = [n for n in names if n not in results["tasks"]]
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo) * len(candidates), desc=f"eval {suite}", unit="run", dynamic_ncols=True)
+
+  def done(name, result):
+    results["tasks"][name] = M.jsonable(result)
+    results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
+    _write_json(path, results)
+
+  start = time.perf_counter()
+  try:
+    if workers <= 1 and ray_address is None:
+      for name in todo:
+        if bar is not None:
+          bar.set_postfix(task=name)
+        done(name, evaluate_task(specs[name], candidates, seeds=seeds, first_seed=first_seed,
+                                 data_dir=data_dir, on_candidate=lambda _: bar and bar.update(1)))
+    else:
+      jobs = [json.dumps({"suite": suite, "task": n, "optimizers": list(optimizers),
+                          "lr_grid": list(lr_grid), "seeds": seeds, "first_seed": first_seed,
+                          "data_dir": data_dir}) for n in todo]
+      if ray_address is not None:
+        from ray.util.multiprocessing import Pool  # optional: only with --ray
+        pool = Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
+        outputs = pool.imap(_task_worker, jobs)
+      else:
+        # spawn: a forked JAX process can deadlock.
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        outputs = pool.map(_task_worker, jobs)
+      try:
+        for name, out in zip(todo, outputs):
+          done(name, json.loads(out))
+          if bar is not None:
+            bar.update(len(candidates))
+      finally:
+        pool.close() if ray_address is not None else pool.shutdown()
+  finally:
+    if bar is not None:
+      bar.close()
+  results["wall_s"] = time.perf_counter() - start
+  results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
+  _write_json(path, results)
+  return results

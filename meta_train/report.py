@@ -1,0 +1,177 @@
+"""`lopt report RUN`: a markdown report with tables and plots from `results.json`.
+
+The report reads on GitHub or in a browser: a summary table (fraction of tasks where
+each optimizer beats tuned Adam, median speedup, worst case, divergences), a per-task
+table of final losses relative to tuned Adam, the full-batch monotonicity check
+(SafeRate's guarantee), and PNG plots: loss curves per task and a speedup chart.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+from learned_opt.meta_train import evaluation
+
+REPORT_FILE = "report.md"
+CURVES_PNG = "curves.png"
+SPEEDUP_PNG = "speedup.png"
+DPI = 72  # small PNGs: they are committed with example reports
+
+
+def _fmt(x: Optional[float], spec: str = ".3g") -> str:
+  return "n/a" if x is None else format(x, spec)
+
+
+def _order(results: dict) -> list[str]:
+  return list(results["optimizers"])
+
+
+def plot_curves(results: dict, path: str) -> None:
+  """One panel per task: the seed-mean training loss of every optimizer (log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  tasks = results["tasks"]
+  n = len(tasks)
+  cols = min(3, n)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, (name, t) in zip(axes.flat, tasks.items()):
+    positive = True
+    for opt in _order(results):
+      r = t["optimizers"].get(opt)
+      if r is None:
+        continue
+      ys = [math.nan if y is None else y for y in r["curve"]]
+      positive &= all(y > 0 for y in ys if not math.isnan(y))
+      label = opt + (f" (lr {r['lr']:.2g})" if r.get("lr") else "")
+      ax.plot(r["curve_steps"], ys, label=label, lw=1.2)
+    if positive:
+      ax.set_yscale("log")
+    ax.set_title(name, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+
+
+def plot_speedups(results: dict, path: str) -> None:
+  """Grouped bars: steps tuned Adam needs / steps each optimizer needs (log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  tasks = list(results["tasks"])
+  opts = [o for o in _order(results) if o != evaluation.REFERENCE]
+  fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.4))
+  width = 0.8 / max(len(opts), 1)
+  for i, opt in enumerate(opts):
+    vals, hatch = [], []
+    for t in tasks:
+      r = results["tasks"][t]["optimizers"].get(opt, {})
+      vals.append(r.get("speedup_bound") or math.nan)
+    ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, vals, width, label=opt)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_yscale("log")
+  ax.set_xticks(np.arange(len(tasks)))
+  ax.set_xticklabels(tasks, rotation=25, ha="right", fontsize=7)
+  ax.set_ylabel("speedup vs tuned Adam", fontsize=8)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+
+
+def _speed(r: dict) -> str:
+  if r.get("speedup") is not None:
+    return f"{r['speedup']:.2f}x"
+  return f"<{r['speedup_bound']:.2f}x" if r.get("speedup_bound") is not None else "n/a"
+
+
+def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SPEEDUP_PNG,
+           title: str = "lopt evaluation") -> str:
+  """The report's markdown text."""
+  ref = results.get("reference", evaluation.REFERENCE)
+  opts = _order(results)
+  lines = [f"# {title}", "",
+           f"Suite `{results['suite']}`: {len(results['tasks'])} tasks, {results['seeds']} seeds "
+           f"each (same initializations and batches for every optimizer). Tuned baselines pick "
+           f"the best of {len(results['lr_grid'])} learning rates "
+           f"({', '.join(f'{x:.2g}' for x in results['lr_grid'])}) per task by mean final "
+           "training loss. Speedup: steps tuned Adam needs to reach its final loss divided by "
+           "the steps the optimizer needs (running mean over 5% of the budget on minibatch "
+           "tasks); `<x` means it never reached it (x bounds the speedup). Diverged: a NaN, "
+           "or a final loss above the initial one, on any seed.", "",
+           "## Summary", "",
+           f"| optimizer | beats tuned {ref} | median speedup | worst final-loss ratio (task) | diverged |",
+           "|---|---:|---:|---|---|"]
+  for opt in opts:
+    s = results.get("summary", {}).get(opt)
+    if s is None:
+      continue
+    lines.append(f"| {opt} | {s['num_tasks'] and round(100 * s['frac_beats_reference'])}% of "
+                 f"{s['num_tasks']} | {s['median_speedup']:.2f}x | "
+                 f"{_fmt(s['worst_loss_ratio'], '.2f')} ({s['worst_task']}) | "
+                 f"{', '.join(s['diverged_tasks']) or 'none'} |")
+  lines += ["", "## Per task", "",
+            f"Final training loss (mean over seeds; ratio to tuned {ref}), test loss, speedup. "
+            "Learning rates at the edge of the grid are marked *edge*.", ""]
+  for name, t in results["tasks"].items():
+    mode = ", full batch" if t["full_batch"] else ""
+    lines += [f"### {name}", "", f"{t['description']} ({t['num_steps']} steps{mode}).", "",
+              "| optimizer | lr | final train loss | ratio | test loss | speedup | diverged |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    ref_loss = t["optimizers"].get(ref, {}).get("final_train_loss")
+    for opt in opts:
+      r = t["optimizers"].get(opt)
+      if r is None:
+        continue
+      lr = "-"
+      if r.get("lr") is not None:
+        grid = r["grid"]["lr"]
+        edge = r["lr"] in (grid[0], grid[-1])
+        lr = f"{r['lr']:.2g}" + (" *edge*" if edge else "")
+      loss = r["final_train_loss"]
+      ratio = f"{loss / ref_loss:.2f}" if loss is not None and ref_loss else "n/a"
+      lines.append(f"| {opt} | {lr} | {_fmt(loss, '.4g')} | {ratio} | {_fmt(r['test_loss'], '.4g')} "
+                   f"| {_speed(r)} | {'**yes**' if r['diverged'] else 'no'} |")
+    lines.append("")
+  full = {n: t for n, t in results["tasks"].items() if t["full_batch"]}
+  if full:
+    lines += ["## Full-batch tasks: does the loss ever increase?", "",
+              "SafeRate certifies each step with Taylor enclosures of the loss, so on a full "
+              "batch its loss may never increase. Largest step-to-step relative increase "
+              "over all steps and seeds (0 = monotone).", "",
+              "| task | " + " | ".join(opts) + " |", "|---|" + "---:|" * len(opts)]
+    for n, t in full.items():
+      cells = []
+      for opt in opts:
+        r = t["optimizers"].get(opt)
+        cells.append("-" if r is None else _fmt(r.get("max_relative_increase"), ".2g")
+                     + (" (diverged)" if r["diverged"] else ""))
+      lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("")
+  lines += ["## Plots", "", f"![loss curves]({curves_png})", "", f"![speedups]({speedup_png})", "",
+            f"Raw numbers: `{evaluation.RESULTS_FILE}` (lopt {results.get('lopt_version', '?')}"
+            + (f", {results['wall_s'] / 60:.1f} min" if results.get("wall_s") else "") + ").", ""]
+  return "\n".join(lines)
+
+
+def write_report(run_dir: str, *, out: Optional[str] = None, title: str = "lopt evaluation") -> str:
+  """Writes `report.md` (and its PNGs) for the evaluation in `run_dir`; returns its path."""
+  results = evaluation.load_results(run_dir)
+  if not results.get("tasks"):
+    raise ValueError(f"{run_dir!r}: results.json holds no evaluated task yet")
+  out = out or os.path.join(run_dir, REPORT_FILE)
+  folder = os.path.dirname(os.path.abspath(out))
+  os.makedirs(folder, exist_ok=True)
+  plot_curves(results, os.path.join(folder, CURVES_PNG))
+  plot_speedups(results, os.path.join(folder, SPEEDUP_PNG))
+  with open(out, "w") as f:
+    f.write(render(results, title=title))
+  return out
