@@ -240,16 +240,15 @@ def build_lopt(cfg: LOptConfig):
   else:
     raise ValueError(f"unknown learned optimizer {cfg.name!r}; registered: {', '.join(LOPTS)} "
                      "(or give 'package.module:Class')")
-  if hasattr(cls, "from_config"):
-    # The LearnedOptimizer contract: lists become tuples (static fields must hash) and
-    # unknown keys fail, naming the valid ones.
-    return cls.from_config(dict(cfg.options))
   if dataclasses.is_dataclass(cls):
     valid = [f.name for f in dataclasses.fields(cls)]
     bad = [k for k in cfg.options if k not in valid]
     if bad:
       raise ValueError(f"unknown config key 'lopt.options.{bad[0]}' for {cls.__name__}; valid keys: "
                        f"{', '.join(valid)}")
+  if hasattr(cls, "from_config"):
+    # The LearnedOptimizer contract: YAML lists become tuples (static fields must hash).
+    return cls.from_config(dict(cfg.options))
   return cls(**cfg.options)
 
 

@@ -18,11 +18,6 @@ from flax import struct
 
 from learned_opt.meta_train.estimator_base import GradEstimate, combine_estimates
 
-# apply_if_finite gives up skipping after this many non-finite updates in a row; we
-# never want a non-finite update applied, so the limit is out of reach.
-_NEVER = 2**30
-
-
 @struct.dataclass
 class LearnerState:
   """meta_params: theta; opt_state: the outer optimizer's state; step: int32 []."""
@@ -33,7 +28,8 @@ class LearnerState:
 
 def make_outer_optimizer(name: str = "adam", learning_rate: float = 1e-3, *,
                          grad_clip: float | None = 1.0, **options) -> optax.GradientTransformation:
-  """Any optax alias, after global-norm clipping, skipping non-finite gradients.
+  """Any optax alias after global-norm clipping (non-finite estimates are skipped by
+  `apply_estimate`, whatever the transform).
 
   Args:
     name: an optax alias (`optax.<name>(learning_rate, **options)`), e.g. "adam".
@@ -51,8 +47,7 @@ def make_outer_optimizer(name: str = "adam", learning_rate: float = 1e-3, *,
     raise ValueError(f"optax.{name} rejected options {options!r}: {e}") from e
   if grad_clip is not None:
     inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
-  # A non-finite estimate is skipped: theta and the optimizer state stay as they were.
-  return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
+  return inner
 
 
 def init_learner(meta_params: Any, optimizer: optax.GradientTransformation) -> LearnerState:
@@ -68,16 +63,25 @@ def estimate_key(steps_key: jax.Array, step: jax.Array, accum_index: int, family
 
 def apply_estimate(optimizer: optax.GradientTransformation, learner: LearnerState,
                    estimate: GradEstimate) -> tuple[LearnerState, dict[str, jax.Array]]:
-  """One outer update; returns the new learner state and scalar metrics."""
+  """One outer update; returns the new learner state and scalar metrics.
+
+  A non-finite estimate is skipped (theta and the optimizer state stay as they were,
+  the step counter advances, metrics["skipped"] is 1). The guard lives here rather than
+  in an `optax.apply_if_finite` wrapper so that any optax transform a caller passes is
+  protected, and so a NaN can never reach theta after any number of bad estimates.
+  """
   return _apply(optimizer, learner, estimate)
 
 
 def _apply_impl(optimizer, learner, estimate):
+  finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(estimate.grad)]))
   updates, opt_state = optimizer.update(estimate.grad, learner.opt_state, learner.meta_params)
   meta_params = optax.apply_updates(learner.meta_params, updates)
-  metrics = {"meta_loss": estimate.meta_loss, "grad_norm": optax.global_norm(estimate.grad),
-             "update_norm": optax.global_norm(updates),
-             "skipped": (~opt_state.last_finite).astype(jnp.int32),
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  meta_params, opt_state = keep((meta_params, opt_state), (learner.meta_params, learner.opt_state))
+  metrics = {"meta_loss": estimate.meta_loss, "grad_norm": optax.tree.norm(estimate.grad),
+             "update_norm": jnp.where(finite, optax.tree.norm(updates), 0.0),
+             "skipped": (~finite).astype(jnp.int32),
              **{f"num_{k}": v for k, v in estimate.counts.items()}}
   return LearnerState(meta_params, opt_state, learner.step + 1), metrics
 

@@ -96,9 +96,10 @@ def restore(path: str, template: Any) -> Any:
   def back(t, x):
     if _is_key(t):
       return jax.random.wrap_key_data(jnp.asarray(x), impl=jax.random.key_impl(t))
-    if np.shape(x) != np.shape(t) or np.result_type(x) != np.result_type(t):
-      raise ValueError(f"checkpoint {path}: array of shape {np.shape(x)} and dtype "
-                       f"{np.result_type(x)} where this run expects {np.shape(t)} {np.result_type(t)}")
+    x_dtype, t_dtype = np.asarray(x).dtype, jnp.asarray(t).dtype
+    if np.shape(x) != np.shape(t) or x_dtype != t_dtype:
+      raise ValueError(f"checkpoint {path}: array of shape {np.shape(x)} and dtype {x_dtype} "
+                       f"where this run expects {np.shape(t)} {t_dtype}")
     return jnp.asarray(x)
 
   return jax.tree.map(back, template, raw)
