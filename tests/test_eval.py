@@ -1,0 +1,143 @@
+"""`lopt eval` / `lopt report`: metrics, the vmapped grid loop, suites, reports, CLI errors."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import learned_opt as lo
+from learned_opt import tasks
+from learned_opt.meta_train import cli, eval_metrics as M, eval_optimizers, eval_suites
+from learned_opt.meta_train import evaluation, report
+from learned_opt.tasks.registry import SuiteTask
+
+
+def _quad_suite(steps=30, full_batch=True):
+  return {"quad": SuiteTask("quad", lambda d: tasks.QuadraticFamily(dim=4), steps, "offline",
+                            "4-d quadratic", full_batch=full_batch)}
+
+
+# ---- metrics (numpy only) ---------------------------------------------------------------
+def test_speedup_counts_steps_to_reference_final_loss():
+  t = np.arange(100, dtype=float)
+  curves = {"adam": 100.0 - t, "fast": 100.0 - 2 * t, "slow": 100.0 - 0.5 * t}
+  s = M.speedups(curves, reference="adam", window=1)
+  assert s["adam"]["steps_to_target"] == 100 and s["adam"]["speedup"] == 1.0
+  assert s["fast"]["steps_to_target"] == 51  # 100 - 2t <= 1 first at t = 50
+  assert s["fast"]["speedup"] == pytest.approx(100 / 51)
+  assert s["slow"]["speedup"] is None and s["slow"]["speedup_bound"] == 1.0
+
+
+def test_divergence_and_monotonicity():
+  ok = np.array([[3.0, 2.0, 1.0]])
+  assert not M.diverged(ok, np.array([1.0]))
+  assert M.diverged(ok, np.array([3.5]))                       # above the initial loss
+  assert M.diverged(np.array([[3.0, np.nan, 1.0]]), np.array([1.0]))
+  assert M.max_relative_increase(ok) == 0.0
+  assert M.max_relative_increase(np.array([[2.0, 1.0, 1.5]])) == pytest.approx(0.5)
+  assert M.max_relative_increase(np.array([[2.0, np.inf]])) == math.inf
+
+
+def test_summary_fraction_median_and_worst_case():
+  def task(adam, lopt, speed, div=False):
+    return {"optimizers": {"adam": {"final_train_loss": adam, "diverged": False, "speedup_bound": 1.0},
+                           "l": {"final_train_loss": lopt, "diverged": div, "speedup_bound": speed}}}
+  s = M.summarize({"a": task(1.0, 0.5, 2.0), "b": task(1.0, 3.0, 0.5, True), "c": task(2.0, 1.0, 4.0)})
+  assert s["l"]["frac_beats_reference"] == pytest.approx(2 / 3)
+  assert s["l"]["median_speedup"] == 2.0
+  assert s["l"]["worst_loss_ratio"] == 3.0 and s["l"]["worst_task"] == "b"
+  assert s["l"]["diverged_tasks"] == ["b"]
+  assert M.jsonable({"x": np.float32(np.nan), "y": np.arange(2)}) == {"x": None, "y": [0, 1]}
+
+
+# ---- the grid loop --------------------------------------------------------------------
+def test_run_grid_matches_tasks_train_and_does_not_recompile():
+  task = tasks.QuadraticFamily(dim=4).task()
+  keys = evaluation.seed_keys(2)
+  lrs = jnp.asarray([0.01, 0.1])
+  cand = eval_optimizers.resolve("adam")
+  run = lambda: evaluation.run_grid(task, lrs, keys, None, make=cand.make, num_steps=20,
+                                    full_batch=False)
+  losses, final_train, final_test = run()
+  assert losses.shape == (2, 2, 20) and final_train.shape == (2, 2) and final_test.shape == (2, 2)
+  # Same key, same lr -> the same batches and losses as the project's train loop.
+  ref = tasks.train(task, optax.adam(0.1), num_steps=20, key=keys[1])
+  np.testing.assert_allclose(losses[1, 1], ref.losses, rtol=1e-5)
+  assert float(final_train[1, 1]) < float(losses[1, 1, 0])  # it trained
+  traces = evaluation.TRACE_COUNT[0]
+  run()
+  evaluation.run_grid(task, lrs * 0.5, keys, None, make=cand.make, num_steps=20, full_batch=False)
+  assert evaluation.TRACE_COUNT[0] == traces  # new learning rates: no recompilation
+
+
+def test_evaluate_suite_writes_results_and_resumes(tmp_path):
+  lopt = lo.PerParamMLP(hidden_sizes=(4,))
+  path = str(tmp_path / "rand.lopt")
+  lo.save(path, lopt, lopt.init_meta_params(jax.random.key(0)))
+  out = str(tmp_path / "run")
+  res = evaluation.evaluate_suite(_quad_suite(), ["adam", path], out_dir=out, seeds=2,
+                                  lr_grid=(1e-3, 1e-2, 1e-1), progress=False)
+  adam = res["tasks"]["quad"]["optimizers"]["adam"]
+  assert adam["lr"] == 0.1 and len(adam["grid"]["final_train_loss"]) == 3
+  # The best learning rate is the argmin of the recorded grid.
+  assert adam["final_train_loss"] == pytest.approx(min(adam["grid"]["final_train_loss"]))
+  assert adam["speedup"] == 1.0 and not adam["diverged"]
+  assert res["tasks"]["quad"]["optimizers"]["rand"]["kind"] == "learned"
+  assert set(res["summary"]) == {"adam", "rand"}
+  with open(tmp_path / "run" / "results.json") as f:
+    assert json.load(f)["tasks"]["quad"]["optimizers"]["adam"]["lr"] == 0.1
+  traces = evaluation.TRACE_COUNT[0]
+  again = evaluation.evaluate_suite(_quad_suite(), ["adam", path], out_dir=out, seeds=2,
+                                    lr_grid=(1e-3, 1e-2, 1e-1), progress=False)
+  assert evaluation.TRACE_COUNT[0] == traces  # resumed: nothing re-run
+  assert again["tasks"] == res["tasks"]
+  md = report.write_report(out)
+  text = open(md).read()
+  assert "| rand |" in text and "quad" in text and "![loss curves](curves.png)" in text
+  assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+# ---- suites and stress tasks -----------------------------------------------------------
+def test_rescaled_family_same_loss_at_rescaled_params():
+  base = tasks.QuadraticFamily(dim=4)
+  fam = eval_suites.RescaledParamsFamily(base, 1e-3)
+  cfg, key = base.default_cfg(), jax.random.key(1)
+  p = base.init_params(cfg, key)
+  q = fam.init_params(cfg, key)
+  np.testing.assert_allclose(q["x"], 1e-3 * p["x"], rtol=1e-6)
+  batch = base.full_batch(cfg)
+  np.testing.assert_allclose(fam.loss(cfg, q, key, batch), base.loss(cfg, p, key, batch), rtol=1e-5)
+  with pytest.raises(ValueError, match="scale must be a positive number, got -1"):
+    eval_suites.RescaledParamsFamily(base, -1.0)
+
+
+def test_suites_are_disjoint_from_meta_training_and_short_suite_is_short():
+  from learned_opt.tasks import registry
+  assert len(registry.HELDOUT_SUITE) >= 8
+  assert not set(registry.HELDOUT_SUITE) & set(registry.META_TRAIN_FAMILIES)
+  short = eval_suites.get_suite("heldout_short")
+  assert set(short) <= set(registry.HELDOUT_SUITE)
+  assert all(t.num_steps <= registry.HELDOUT_SUITE[n].num_steps for n, t in short.items())
+  both = eval_suites.get_suite("heldout_short+safeguard")
+  assert len(both) == len(short) + len(eval_suites.SAFEGUARD_SUITE)
+  assert all(t.full_batch for t in eval_suites.SAFEGUARD_SUITE.values())
+
+
+# ---- clear errors ------------------------------------------------------------------------
+def test_bad_names_fail_clearly(capsys):
+  with pytest.raises(ValueError, match="unknown optimizer 'nope'"):
+    eval_optimizers.resolve("nope")
+  with pytest.raises(ValueError, match="at least 2 positive learning rates, got \\(0.1,\\)"):
+    eval_optimizers.resolve("adam", lr_grid=(0.1,))
+  with pytest.raises(ValueError, match="does not exist"):
+    eval_optimizers.resolve("/no/such/file.lopt")
+  assert cli.main(["eval", "--suite", "nope", "--no-progress", "--baselines", "adam"]) == 2
+  assert "unknown suite 'nope'; known suites: heldout, heldout_short" in capsys.readouterr().err
+  assert cli.main(["report", "/no/such/run"]) == 2
+  assert "holds no results.json" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="unknown task 'zzz' in suite"):
+    evaluation.evaluate_suite(_quad_suite(), ["adam"], out_dir="/tmp/unused", tasks=["zzz"],
+                              progress=False)
