@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from learned_opt import features as feats
+from learned_opt import fused as fused_lib
 from learned_opt.base import (LearnedOptimizer, cast_like, check_positive, magnitude_update)
 
 _init = jax.nn.initializers.lecun_normal()
@@ -47,6 +48,9 @@ class PerParamMLP(LearnedOptimizer):
     mup: if True, multiply the update of every >=2-D tensor by `mup_base_fan_in /
       fan_in` (muP / muLO width transfer, see `features.mup_scale`).
     mup_base_fan_in: the fan-in at which the muP multiplier is 1 (the meta-training width).
+    fused: per-parameter network path: "auto" (the fused Pallas kernel on GPU, XLA
+      elsewhere), "xla", "pallas" (GPU only) or "interpret" (Pallas interpret mode, for
+      tests); see `learned_opt.fused`.
   """
 
   name: ClassVar[str] = "per_param_mlp"
@@ -61,8 +65,11 @@ class PerParamMLP(LearnedOptimizer):
   weight_decay: float = struct.field(pytree_node=False, default=0.0)
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
+  fused: str = struct.field(pytree_node=False, default="auto")
 
   def __post_init__(self):
+    if self.fused not in fused_lib.MODES:
+      raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
       raise ValueError(f"hidden_sizes must be a non-empty tuple of positive ints, "
                        f"got {self.hidden_sizes!r}")
@@ -108,6 +115,16 @@ class PerParamMLP(LearnedOptimizer):
     # [n_leaves, H1]: everything a tensor's coordinates share, folded into one bias.
     bias = f.per_tensor @ theta["w_tensor"] + glob @ theta["w_global"] + theta["b1"]
     leaves, treedef = jax.tree.flatten(params)
+    interpret = fused_lib.select(self.fused)
+    if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
+      out = fused_lib.per_param_updates(
+          self.spec, f, fstate, grads, params, w_in=theta["w_param"], b_in=bias,
+          hidden=theta["hidden"], w_out=theta["out"]["w"], b_out=theta["out"]["b"],
+          exp_mult=self.exp_mult, step=self.step_mult,
+          weight_decay=self.step_mult * self.weight_decay, interpret=interpret,
+          out_scales=[feats.mup_scale(jnp.shape(p), base_fan_in=self.mup_base_fan_in)
+                      for p in leaves] if self.mup else None)
+      return cast_like(jax.tree.unflatten(treedef, out), params), PerParamMLPState(fstate)
     out = []
     for i, (x, p) in enumerate(zip(f.per_param, leaves)):
       h = jax.nn.relu(x @ theta["w_param"] + bias[i])

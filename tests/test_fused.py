@@ -1,0 +1,138 @@
+"""The fused per-parameter kernel equals the XLA path (Pallas interpret mode, no GPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import learned_opt as lo
+from learned_opt import features as feats
+from learned_opt import fused
+
+# Shapes with a masked tail block (37*21 = 777 is no multiple of the block), a vector, a
+# scalar and a 3-D tensor.
+SHAPES = {"w": (37, 21), "b": (21,), "s": (), "conv": (3, 3, 4, 5)}
+BLOCK = 64
+
+
+def _problem(seed, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(seed), 2 * len(SHAPES))
+  params = {k: jax.random.normal(keys[i], s, dtype) for i, (k, s) in enumerate(SHAPES.items())}
+  grads = {k: (0.1 * jax.random.normal(keys[len(SHAPES) + i], s)).astype(dtype)
+           for i, (k, s) in enumerate(SHAPES.items())}
+  params["b"] = jnp.zeros_like(params["b"])  # an all-zero channel: normalizer at its floor
+  return params, grads
+
+
+def _two_steps(lopt, params, grads, **kw):
+  theta = lopt.init_meta_params(jax.random.key(7))
+  state = lopt.init(theta, params, num_steps=100)
+  upd = jax.jit(lambda s, g: lopt.update(theta, g, s, params, loss=jnp.float32(2.0), **kw))
+  _, state = upd(state, grads)
+  grads2 = jax.tree.map(lambda g: -0.5 * g + 0.01, grads)
+  return upd(state, grads2)
+
+
+def _assert_close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    scale = np.max(np.abs(y)) + 1e-30
+    assert np.max(np.abs(x - y)) <= 1e-5 * scale, (np.max(np.abs(x - y)), scale)
+
+
+@pytest.mark.parametrize("config", [
+    dict(),  # default features (adafactor as side channels), hidden (32, 32)
+    dict(features=("grad", "clipped_grad", "momentum", "adam", "muon", "train_frac", "loss"),
+         hidden_sizes=(8,), weight_decay=0.1, mup=True),
+    dict(features=("grad", "param", "rms"), hidden_sizes=(16, 4, 32)),
+])
+def test_per_param_mlp_matches_xla(config):
+  params, grads = _problem(0)
+  ref = _two_steps(lo.PerParamMLP(fused="xla", **config), params, grads)
+  got = _two_steps(lo.PerParamMLP(fused="interpret", **config), params, grads)
+  _assert_close(got[0], ref[0])
+  _assert_close(got[1], ref[1])  # same state: the kernel only reads it
+
+
+def test_bfloat16_params_keep_dtype():
+  params, grads = _problem(1, jnp.bfloat16)
+  ref = _two_steps(lo.PerParamMLP(fused="xla"), params, grads)
+  got = _two_steps(lo.PerParamMLP(fused="interpret"), params, grads)
+  for x, y in zip(jax.tree.leaves(got[0]), jax.tree.leaves(ref[0])):
+    assert x.dtype == jnp.bfloat16
+    # Both round the same float32 update to bfloat16: at most one bf16 ulp apart.
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                               rtol=2 ** -7, atol=1e-12)
+
+
+def test_nonfinite_gradients_are_sanitized_like_xla():
+  params, grads = _problem(2)
+  grads["w"] = grads["w"].at[0, 0].set(jnp.nan).at[1, 1].set(jnp.inf)
+  ref = _two_steps(lo.PerParamMLP(fused="xla"), params, grads)
+  got = _two_steps(lo.PerParamMLP(fused="interpret"), params, grads)
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(got[0]))
+  _assert_close(got[0], ref[0])
+
+
+def _hierarchical_reference(spec, f, p_leaves, w1, b1, w2, b2, step, exp_mult):
+  """The per-parameter part of HierarchicalLOpt.update, written out in XLA."""
+  out = []
+  for i, (x, p) in enumerate(zip(f.per_param, p_leaves)):
+    o = jax.nn.relu(x @ w1[i] + b1[i]) @ w2[i] + b2[i]
+    out.append(lo.base.magnitude_update(o[..., 0], o[..., 1], exp_mult=exp_mult,
+                                        step_mult=step[i]))
+  return out
+
+
+def test_per_tensor_weights_match_hierarchical_formula():
+  """Per-tensor MLP weights (the hierarchical optimizer's mixed bank, hidden width 4)."""
+  params, grads = _problem(3)
+  lopt = lo.HierarchicalLOpt()
+  spec = lopt.spec
+  state = feats.init_state(spec, params, None)
+  f, fstate = feats.compute(spec, grads, params, state)
+  n, n_f, hid = len(SHAPES), len(spec.param_names()), lopt.per_param_hidden
+  k = jax.random.split(jax.random.key(4), 5)
+  w1 = jax.random.normal(k[0], (n, n_f, hid))
+  b1 = 0.1 * jax.random.normal(k[1], (n, hid))
+  w2 = jax.random.normal(k[2], (n, hid, 2))
+  b2 = 0.1 * jax.random.normal(k[3], (n, 2))
+  step = jnp.exp(jax.random.normal(k[4], (n,)))
+  leaves = jax.tree.leaves(params)
+  ref = _hierarchical_reference(spec, f, leaves, w1, b1, w2, b2, step, 0.01)
+  got = fused.per_param_updates(spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2,
+                                b_out=b2, exp_mult=0.01, step=step, interpret=True,
+                                block_size=BLOCK)
+  _assert_close(got, ref)
+
+
+def test_select_and_errors():
+  assert fused.select("xla") is None
+  assert fused.select("interpret") is True
+  expected = False if jax.default_backend() == "gpu" else None
+  assert fused.select("auto") is expected
+  with pytest.raises(ValueError, match="fused must be one of"):
+    fused.select("triton")
+  with pytest.raises(ValueError, match="fused must be one of"):
+    lo.PerParamMLP(fused="cuda")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a GPU"):
+      fused.select("pallas")
+
+
+def test_no_recompile_on_second_call():
+  params, grads = _problem(5)
+  lopt = lo.PerParamMLP(fused="interpret", features=("grad", "momentum"), hidden_sizes=(16,))
+  theta = lopt.init_meta_params(jax.random.key(0))
+  traces = []
+
+  @jax.jit
+  def step(state, g):
+    traces.append(1)
+    return lopt.update(theta, g, state, params)
+
+  state = lopt.init(theta, params)
+  _, state = step(state, grads)
+  u, state = step(state, grads)
+  jax.block_until_ready(u)
+  assert len(traces) == 1
