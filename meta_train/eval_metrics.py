@@ -30,10 +30,6 @@ def smooth(curve: np.ndarray, window: int) -> np.ndarray:
   return (c[idx] - c[lo]) / (idx - lo)
 
 
-def smoothing_window(num_steps: int, full_batch: bool) -> int:
-  return 1 if full_batch else max(1, num_steps // 20)
-
-
 def steps_to_reach(curve: np.ndarray, target: float) -> Optional[int]:
   """Number of steps until the (smoothed) curve first reaches `target`; None: never."""
   hit = np.nonzero(np.isfinite(curve) & (curve <= target))[0]
@@ -60,13 +56,20 @@ def max_relative_increase(curves: np.ndarray) -> float:
   return float(max(inc.max(initial=-math.inf), 0.0))
 
 
-def speedups(curves: dict[str, np.ndarray], *, reference: str, window: int) -> dict[str, dict]:
+def speedups(curves: dict[str, tuple[list, list]], *, reference: str, num_steps: int,
+             full_batch: bool) -> dict[str, dict]:
   """Steps each optimizer needs to reach the reference's final loss, and the speedup.
 
+  Computed from the stored (block-mean, see `downsample`) curves, so a resumed
+  evaluation that adds optimizers later gets the same numbers; the resolution is one
+  block (num_steps / CURVE_POINTS steps, 1 step for short runs). Minibatch curves are
+  smoothed further by a running mean over 5% of the budget (full-batch: none).
+
   Args:
-    curves: optimizer name -> seed-mean loss curve [steps].
+    curves: optimizer name -> (curve_steps, curve) as stored in the results.
     reference: name of the reference (tuned Adam).
-    window: smoothing window.
+    num_steps: the step budget.
+    full_batch: whether the task is full batch.
 
   Returns:
     name -> {"steps_to_target": int | None, "speedup": float | None,
@@ -74,15 +77,25 @@ def speedups(curves: dict[str, np.ndarray], *, reference: str, window: int) -> d
     the target is never reached, speedup is None and `speedup_bound` (reference steps /
     budget) is an upper bound of it.
   """
-  ref = smooth(curves[reference], window)
-  target = ref[-1] if np.isfinite(ref[-1]) else math.inf
-  ref_steps = steps_to_reach(ref, target) or len(ref)
+  def prepare(steps, curve):
+    c = np.asarray([np.nan if v is None else v for v in curve], np.float64)
+    window = 1 if full_batch else max(1, len(c) // 20)
+    ends = list(steps[1:]) + [num_steps]  # a block counts once it is complete
+    return smooth(c, window), ends
+
+  def reach(prepared, target):
+    i = steps_to_reach(prepared[0], target)
+    return None if i is None else prepared[1][i - 1]
+
+  ref = prepare(*curves[reference])
+  target = ref[0][-1] if np.isfinite(ref[0][-1]) else math.inf
+  ref_steps = reach(ref, target) or num_steps
   out = {}
-  for name, curve in curves.items():
-    steps = steps_to_reach(smooth(curve, window), target)
-    speed = ref_steps / steps if steps else None
-    out[name] = {"steps_to_target": steps, "speedup": speed,
-                 "speedup_bound": speed if speed is not None else ref_steps / len(ref)}
+  for name, (steps, curve) in curves.items():
+    mine = reach(prepare(steps, curve), target)
+    speed = ref_steps / mine if mine else None
+    out[name] = {"steps_to_target": mine, "speedup": speed,
+                 "speedup_bound": speed if speed is not None else ref_steps / num_steps}
   return out
 
 

@@ -16,6 +16,7 @@ Names `resolve` understands:
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -38,12 +39,15 @@ class Candidate(NamedTuple):
       is kept); `()` means none, and `make` gets a dummy 0.
     aux: pytree of arrays passed to `make` (learned optimizers: `(lopt, meta_params)`).
     kind: "tuned", "hyperparameter-free" or "learned" (for reports).
+    fingerprint: identifies what ran (a learned optimizer's weights hash), so a resumed
+      evaluation re-runs an optimizer whose checkpoint changed under the same name.
   """
   name: str
   make: Callable[..., optax.GradientTransformation]
   grid: tuple[float, ...] = ()
   aux: Any = None
   kind: str = "hyperparameter-free"
+  fingerprint: str = ""
 
 
 def _adam(lr, aux, num_steps):
@@ -96,18 +100,24 @@ def saferate_available() -> bool:
 
 
 def _load_learned(name: str):
+  """(label, lopt, meta_params, weights hash) of a shipped name or a .lopt path."""
+  import importlib.resources
+
   import learned_opt
   if name.endswith(".lopt") or os.sep in name:
     if not os.path.isfile(name):
       raise ValueError(f"learned optimizer file {name!r} does not exist")
-    lopt, meta_params, _ = learned_opt.load(name)
-    return os.path.basename(name)[:-len(".lopt")] if name.endswith(".lopt") else name, lopt, meta_params
-  if name not in learned_opt.list_pretrained():
+    label, path = os.path.basename(name).removesuffix(".lopt"), pathlib.Path(name)
+  elif name in learned_opt.list_pretrained():
+    label, path = name, learned_opt.pretrained_path(name)
+  else:
     raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(BASELINES)}, a "
                      f"shipped learned optimizer {learned_opt.list_pretrained()}, a path to a "
                      f".lopt file, or saferate+<one of those>")
-  lopt, meta_params, _ = learned_opt.load(learned_opt.pretrained_path(name))
-  return name, lopt, meta_params
+  with importlib.resources.as_file(path) as file:
+    lopt, meta_params, _ = learned_opt.load(file)
+    sha = learned_opt.read_header(file)["weights_sha256"]
+  return label, lopt, meta_params, sha
 
 
 def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candidate:
@@ -120,15 +130,16 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
   if len(lr_grid) < 2 or any(not (lr > 0) for lr in lr_grid):
     raise ValueError(f"lr_grid must hold at least 2 positive learning rates, got {lr_grid!r}")
   if name == "adam":
-    return Candidate("adam", _adam, tuple(lr_grid), None, "tuned")
+    return Candidate("adam", _adam, tuple(lr_grid), None, "tuned", "adam")
   if name == "muon":
-    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned")
+    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned", "muon")
   if name == "saferate":
     _saferate_module()
-    return Candidate("saferate", _saferate_adam)
+    return Candidate("saferate", _saferate_adam, fingerprint="saferate")
   if name.startswith(SAFERATE_PREFIX):
     _saferate_module()
-    inner, lopt, meta_params = _load_learned(name[len(SAFERATE_PREFIX):])
-    return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params), "learned")
-  label, lopt, meta_params = _load_learned(name)
-  return Candidate(label, _learned, (), (lopt, meta_params), "learned")
+    inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])
+    return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
+                     "learned", sha)
+  label, lopt, meta_params, sha = _load_learned(name)
+  return Candidate(label, _learned, (), (lopt, meta_params), "learned", sha)

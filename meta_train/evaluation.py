@@ -127,7 +127,7 @@ def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Ca
   task = suite_task.build(data_dir).task()
   keys = seed_keys(seeds, first_seed)
   T, fb = suite_task.num_steps, suite_task.full_batch
-  results, mean_curves = {}, {}
+  results = {}
   for cand in candidates:
     grid = cand.grid or (0.0,)
     start = time.perf_counter()
@@ -137,8 +137,7 @@ def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Ca
     wall = time.perf_counter() - start
     best = _best_index(final_train)
     curves = np.asarray(losses[best], np.float64)
-    mean_curves[cand.name] = curves.mean(axis=0)
-    steps, curve = M.downsample(mean_curves[cand.name], curve_points)
+    steps, curve = M.downsample(curves.mean(axis=0), curve_points)
     res = {
         "kind": cand.kind,
         "lr": float(grid[best]) if cand.grid else None,
@@ -152,6 +151,7 @@ def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Ca
         "curve_steps": steps,
         "curve": curve,
         "wall_s": wall,
+        "fingerprint": cand.fingerprint,
     }
     if fb:
       inc = M.max_relative_increase(curves)
@@ -160,12 +160,20 @@ def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Ca
     results[cand.name] = res
     if on_candidate is not None:
       on_candidate(cand.name)
-  if REFERENCE in mean_curves:
-    speed = M.speedups(mean_curves, reference=REFERENCE, window=M.smoothing_window(T, fb))
+  return add_speedups({"num_steps": T, "full_batch": fb, "description": suite_task.description,
+                       "data": suite_task.data, "optimizers": results})
+
+
+def add_speedups(task_result: dict) -> dict:
+  """Adds (or refreshes) every optimizer's speedup against `REFERENCE`, if it was run."""
+  opts = task_result["optimizers"]
+  if REFERENCE in opts:
+    curves = {n: (r["curve_steps"], r["curve"]) for n, r in opts.items()}
+    speed = M.speedups(curves, reference=REFERENCE, num_steps=task_result["num_steps"],
+                       full_batch=task_result["full_batch"])
     for name, s in speed.items():
-      results[name].update(s)
-  return {"num_steps": T, "full_batch": fb, "description": suite_task.description,
-          "data": suite_task.data, "optimizers": results}
+      opts[name].update(s)
+  return task_result
 
 
 # ---- suites ------------------------------------------------------------------------------
@@ -195,6 +203,22 @@ def _task_worker(job: str) -> str:
       data_dir=job["data_dir"])), allow_nan=False)
 
 
+def _reusable(old: dict, new: dict, specs: dict, candidates) -> dict:
+  """Per-task optimizer results of a previous evaluation that this one can keep."""
+  if any(old.get(k) != new[k] for k in ("format", "suite", "seeds", "first_seed", "lr_grid")):
+    return {}
+  prints = {c.name: c.fingerprint for c in candidates}
+  kept = {}
+  for name, t in old.get("tasks", {}).items():
+    spec = specs.get(name)
+    if spec is None or (t["num_steps"], t["full_batch"]) != (spec.num_steps, spec.full_batch):
+      continue
+    opts = {n: r for n, r in t["optimizers"].items() if prints.get(n, None) == r.get("fingerprint")}
+    if opts:
+      kept[name] = {**t, "optimizers": opts}
+  return kept
+
+
 def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str], *, out_dir: str, seeds: int = 3,
                    first_seed: int = 0, data_dir: Optional[str] = None,
                    lr_grid: Sequence[float] = eval_optimizers.DEFAULT_LR_GRID,
@@ -215,8 +239,9 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     workers: tasks evaluated in parallel by this many local processes (1: in-process).
     ray_address: evaluate tasks on a Ray cluster ("auto" or an address) instead.
     progress: show a progress bar.
-    resume: keep tasks already in `out_dir/results.json` from a run with the same
-      optimizers, seeds and grid.
+    resume: keep the (task, optimizer) results already in `out_dir/results.json` from
+      a run with the same suite, seeds and grid (and the same checkpoint for learned
+      optimizers): only missing ones run, so optimizers can be added later.
   """
   lr_grid = tuple(float(x) for x in lr_grid)
   candidates = [eval_optimizers.resolve(n, lr_grid=lr_grid) for n in optimizers]  # fail early
@@ -237,33 +262,42 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
              "reference": REFERENCE, "lopt_version": learned_opt.__version__, "tasks": {}}
   path = os.path.join(out_dir, RESULTS_FILE)
   if resume and os.path.isfile(path):
-    old = load_results(out_dir)
-    same = all(old.get(k) == results[k] for k in ("suite", "seeds", "first_seed", "lr_grid", "optimizers"))
-    if same:
-      results["tasks"] = {k: v for k, v in old.get("tasks", {}).items() if k in names}
-  todo = [n for n in names if n not in results["tasks"]]
+    results["tasks"] = _reusable(load_results(out_dir), results, specs, candidates)
+  todo = {}  # task -> candidates still to run
+  for n in names:
+    have = results["tasks"].get(n, {}).get("optimizers", {})
+    missing = [c for c in candidates if c.name not in have]
+    if missing:
+      todo[n] = missing
   bar = None
   if progress:
     from tqdm import tqdm
-    bar = tqdm(total=len(todo) * len(candidates), desc=f"eval {suite}", unit="run", dynamic_ncols=True)
+    bar = tqdm(total=sum(map(len, todo.values())), desc=f"eval {suite}", unit="run",
+               dynamic_ncols=True)
 
   def done(name, result):
-    results["tasks"][name] = M.jsonable(result)
+    if name in results["tasks"]:  # merge with the results kept from a previous run
+      result = {**result, "optimizers": {**results["tasks"][name]["optimizers"], **result["optimizers"]}}
+    order = [c.name for c in candidates if c.name in result["optimizers"]]
+    result["optimizers"] = {n: result["optimizers"][n] for n in order}
+    results["tasks"][name] = M.jsonable(add_speedups(result))
     results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
     _write_json(path, results)
 
   start = time.perf_counter()
   try:
     if workers <= 1 and ray_address is None:
-      for name in todo:
+      for name, missing in todo.items():
         if bar is not None:
           bar.set_postfix(task=name)
-        done(name, evaluate_task(specs[name], candidates, seeds=seeds, first_seed=first_seed,
+        done(name, evaluate_task(specs[name], missing, seeds=seeds, first_seed=first_seed,
                                  data_dir=data_dir, on_candidate=lambda _: bar and bar.update(1)))
     else:
-      jobs = [json.dumps({"suite": suite, "task": n, "optimizers": list(optimizers),
-                          "lr_grid": list(lr_grid), "seeds": seeds, "first_seed": first_seed,
-                          "data_dir": data_dir}) for n in todo]
+      by_name = dict(zip([c.name for c in candidates], optimizers))
+      jobs = [json.dumps({"suite": suite, "task": n, "lr_grid": list(lr_grid), "seeds": seeds,
+                          "optimizers": [by_name[c.name] for c in missing],
+                          "first_seed": first_seed, "data_dir": data_dir})
+              for n, missing in todo.items()]
       if ray_address is not None:
         from ray.util.multiprocessing import Pool  # optional: only with --ray
         pool = Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
@@ -273,10 +307,10 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         outputs = pool.map(_task_worker, jobs)
       try:
-        for name, out in zip(todo, outputs):
+        for (name, missing), out in zip(todo.items(), outputs):
           done(name, json.loads(out))
           if bar is not None:
-            bar.update(len(candidates))
+            bar.update(len(missing))
       finally:
         pool.close() if ray_address is not None else pool.shutdown()
   finally:

@@ -24,7 +24,8 @@ def _quad_suite(steps=30, full_batch=True):
 def test_speedup_counts_steps_to_reference_final_loss():
   t = np.arange(100, dtype=float)
   curves = {"adam": 100.0 - t, "fast": 100.0 - 2 * t, "slow": 100.0 - 0.5 * t}
-  s = M.speedups(curves, reference="adam", window=1)
+  curves = {k: (list(range(100)), list(v)) for k, v in curves.items()}
+  s = M.speedups(curves, reference="adam", num_steps=100, full_batch=True)
   assert s["adam"]["steps_to_target"] == 100 and s["adam"]["speedup"] == 1.0
   assert s["fast"]["steps_to_target"] == 51  # 100 - 2t <= 1 first at t = 50
   assert s["fast"]["speedup"] == pytest.approx(100 / 51)
@@ -78,20 +79,26 @@ def test_evaluate_suite_writes_results_and_resumes(tmp_path):
   path = str(tmp_path / "rand.lopt")
   lo.save(path, lopt, lopt.init_meta_params(jax.random.key(0)))
   out = str(tmp_path / "run")
-  res = evaluation.evaluate_suite(_quad_suite(), ["adam", path], out_dir=out, seeds=2,
-                                  lr_grid=(1e-3, 1e-2, 1e-1), progress=False)
+  run = lambda names: evaluation.evaluate_suite(_quad_suite(), names, out_dir=out, seeds=2,
+                                                lr_grid=(1e-3, 1e-2, 1e-1), progress=False)
+  first = run(["adam"])
+  traces = evaluation.TRACE_COUNT[0]
+  res = run(["adam", path])  # adds the learned optimizer: only it runs
+  assert evaluation.TRACE_COUNT[0] == traces + 1
+  assert res["tasks"]["quad"]["optimizers"]["adam"] == first["tasks"]["quad"]["optimizers"]["adam"]
   adam = res["tasks"]["quad"]["optimizers"]["adam"]
   assert adam["lr"] == 0.1 and len(adam["grid"]["final_train_loss"]) == 3
   # The best learning rate is the argmin of the recorded grid.
   assert adam["final_train_loss"] == pytest.approx(min(adam["grid"]["final_train_loss"]))
   assert adam["speedup"] == 1.0 and not adam["diverged"]
-  assert res["tasks"]["quad"]["optimizers"]["rand"]["kind"] == "learned"
+  rand = res["tasks"]["quad"]["optimizers"]["rand"]
+  assert rand["kind"] == "learned" and rand["final_train_loss"] > adam["final_train_loss"]
+  assert rand["speedup"] is None and rand["speedup_bound"] <= 1.0  # never reaches Adam's loss
   assert set(res["summary"]) == {"adam", "rand"}
   with open(tmp_path / "run" / "results.json") as f:
     assert json.load(f)["tasks"]["quad"]["optimizers"]["adam"]["lr"] == 0.1
   traces = evaluation.TRACE_COUNT[0]
-  again = evaluation.evaluate_suite(_quad_suite(), ["adam", path], out_dir=out, seeds=2,
-                                    lr_grid=(1e-3, 1e-2, 1e-1), progress=False)
+  again = run(["adam", path])
   assert evaluation.TRACE_COUNT[0] == traces  # resumed: nothing re-run
   assert again["tasks"] == res["tasks"]
   md = report.write_report(out)
