@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from learned_opt import features as feats
+from learned_opt import fused as fused_lib
 from learned_opt.base import (MAX_LOG_SCALE, LearnedOptimizer, cast_like, check_positive,
                               magnitude_update)
 
@@ -66,6 +67,8 @@ class HierarchicalLOpt(LearnedOptimizer):
       `sqrt(mup_base_fan_in / fan_in)`: the relative-to-RMS step already scales as
       1/sqrt(fan_in) under a muP/standard init, the square root completes muP's 1/fan_in.
     mup_base_fan_in: the fan-in at which the muP multiplier is 1.
+    fused: per-parameter MLP path: "auto" (the fused Pallas kernel on GPU, XLA
+      elsewhere), "xla", "pallas" (GPU only) or "interpret" (tests); see `learned_opt.fused`.
   """
 
   name: ClassVar[str] = "hierarchical"
@@ -83,8 +86,11 @@ class HierarchicalLOpt(LearnedOptimizer):
   weight_decay: float = struct.field(pytree_node=False, default=0.0)
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
+  fused: str = struct.field(pytree_node=False, default="auto")
 
   def __post_init__(self):
+    if self.fused not in fused_lib.MODES:
+      raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
@@ -166,6 +172,16 @@ class HierarchicalLOpt(LearnedOptimizer):
     w2 = jnp.einsum("nk,khd->nhd", mix, bank["w2"])
     b2 = mix @ bank["b2"]
     step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
+    new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
+    interpret = fused_lib.select(self.fused)
+    if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
+      updates = fused_lib.per_param_updates(
+          self.spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2, b_out=b2,
+          exp_mult=self.exp_mult, step=step, weight_decay=self.step_mult * self.weight_decay,
+          interpret=interpret,
+          out_scales=[feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in, power=0.5)
+                      for p in p32] if self.mup else None)
+      return cast_like(jax.tree.unflatten(treedef, updates), params), new_state
     updates = []
     for i, (x, p) in enumerate(zip(f.per_param, p32)):
       o = jax.nn.relu(x @ w1[i] + b1[i]) @ w2[i] + b2[i]

@@ -74,36 +74,14 @@ def test_nonfinite_gradients_are_sanitized_like_xla():
   _assert_close(got[0], ref[0])
 
 
-def _hierarchical_reference(spec, f, p_leaves, w1, b1, w2, b2, step, exp_mult):
-  """The per-parameter part of HierarchicalLOpt.update, written out in XLA."""
-  out = []
-  for i, (x, p) in enumerate(zip(f.per_param, p_leaves)):
-    o = jax.nn.relu(x @ w1[i] + b1[i]) @ w2[i] + b2[i]
-    out.append(lo.base.magnitude_update(o[..., 0], o[..., 1], exp_mult=exp_mult,
-                                        step_mult=step[i]))
-  return out
-
-
-def test_per_tensor_weights_match_hierarchical_formula():
-  """Per-tensor MLP weights (the hierarchical optimizer's mixed bank, hidden width 4)."""
+@pytest.mark.parametrize("config", [dict(), dict(weight_decay=0.1, mup=True, per_param_hidden=3)])
+def test_hierarchical_matches_xla(config):
+  """Per-tensor MLP weights (the mixed bank), hidden width below tl.dot's minimum."""
   params, grads = _problem(3)
-  lopt = lo.HierarchicalLOpt()
-  spec = lopt.spec
-  state = feats.init_state(spec, params, None)
-  f, fstate = feats.compute(spec, grads, params, state)
-  n, n_f, hid = len(SHAPES), len(spec.param_names()), lopt.per_param_hidden
-  k = jax.random.split(jax.random.key(4), 5)
-  w1 = jax.random.normal(k[0], (n, n_f, hid))
-  b1 = 0.1 * jax.random.normal(k[1], (n, hid))
-  w2 = jax.random.normal(k[2], (n, hid, 2))
-  b2 = 0.1 * jax.random.normal(k[3], (n, 2))
-  step = jnp.exp(jax.random.normal(k[4], (n,)))
-  leaves = jax.tree.leaves(params)
-  ref = _hierarchical_reference(spec, f, leaves, w1, b1, w2, b2, step, 0.01)
-  got = fused.per_param_updates(spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2,
-                                b_out=b2, exp_mult=0.01, step=step, interpret=True,
-                                block_size=BLOCK)
-  _assert_close(got, ref)
+  ref = _two_steps(lo.HierarchicalLOpt(fused="xla", **config), params, grads)
+  got = _two_steps(lo.HierarchicalLOpt(fused="interpret", **config), params, grads)
+  _assert_close(got[0], ref[0])
+  _assert_close(got[1], ref[1])
 
 
 def test_select_and_errors():
