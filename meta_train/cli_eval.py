@@ -18,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--optimizer", action="append", default=None, metavar="NAME_OR_PATH",
                  help="a shipped learned optimizer, a .lopt file, or saferate+<either> "
                  "(repeatable; default: every shipped optimizer)")
+  p.add_argument("--pretrained", action="store_true",
+                 help="also evaluate every shipped learned optimizer (with --optimizer)")
   p.add_argument("--suite", default="heldout",
                  help="heldout, heldout_short, safeguard, or several joined with '+'")
   p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
@@ -47,7 +49,9 @@ def _eval(args) -> int:
   import learned_opt
   from learned_opt.meta_train import eval_optimizers, evaluation, report
 
-  learned = args.optimizer if args.optimizer is not None else learned_opt.list_pretrained()
+  learned = list(args.optimizer or [])
+  if args.optimizer is None or args.pretrained:
+    learned += [n for n in learned_opt.list_pretrained() if n not in learned]
   baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
   bad = [b for b in baselines if b not in eval_optimizers.BASELINES]
   if bad:
