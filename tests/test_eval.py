@@ -148,3 +148,29 @@ def test_bad_names_fail_clearly(capsys):
   with pytest.raises(ValueError, match="unknown task 'zzz' in suite"):
     evaluation.evaluate_suite(_quad_suite(), ["adam"], out_dir="/tmp/unused", tasks=["zzz"],
                               progress=False)
+
+
+def test_ship_writes_provenance_header(tmp_path):
+  from learned_opt.meta_train import ship
+  run = tmp_path / "run"
+  run.mkdir()
+  lopt = lo.PerParamMLP(hidden_sizes=(4,))
+  lo.save(str(run / "final.lopt"), lopt, lopt.init_meta_params(jax.random.key(0)), {"run": "x"})
+  (run / "config.yaml").write_text("name: x\nseed: 0\n")
+  with open(run / "metrics.jsonl", "w") as f:
+    for step in range(1, 21):
+      f.write(json.dumps({"step": step, "meta_loss": 1.0 / step, "wall_s": 0.5}) + "\n")
+  results = {"suite": "s", "seeds": 1, "reference": "adam", "summary": {"mine": {"num_tasks": 1}},
+             "tasks": {"t": {"optimizers": {"adam": {"final_train_loss": 2.0},
+                                            "mine": {"final_train_loss": 1.0, "diverged": False,
+                                                     "speedup_bound": 2.0}}}}}
+  dest = ship.ship(str(run), str(tmp_path / "mine.lopt"), wall_time_s=12.0, results=results)
+  info = lo.read_header(dest)["info"]
+  assert info["config"] == {"name": "x", "seed": 0} and info["run"] == "x"
+  mt = info["meta_training"]
+  assert mt["outer_steps"] == 20 and mt["wall_time_s"] == 12.0 and mt["step_wall_s"] == 10.0
+  assert mt["meta_loss_first"] > mt["meta_loss_last"] == pytest.approx(np.mean(1 / np.arange(17, 21)))
+  assert info["heldout"]["tasks"]["t"]["loss_ratio_vs_tuned_adam"] == 0.5
+  assert info["code_version"].startswith(lo.__version__)
+  lopt2, _, _ = lo.load(dest)  # still a valid checkpoint
+  assert lopt2 == lopt

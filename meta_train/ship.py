@@ -1,0 +1,91 @@
+"""Package a finished meta-training run as a shipped checkpoint with a full header.
+
+A shipped `.lopt` file carries, in its JSON header `info`: the run's config, the code
+version (git commit) it was trained with, a summary of the meta-training curve and wall
+time, and, once evaluated, its held-out results against tuned Adam. The weights are
+the run's exported meta-parameters, unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from typing import Optional
+
+import numpy as np
+
+
+def code_version(repo_dir: Optional[str] = None) -> str:
+  """`git describe`-style commit of the checkout, or the package version outside git."""
+  import learned_opt
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, check=True,
+                         capture_output=True, text=True, timeout=10).stdout.strip()
+    return f"{learned_opt.__version__}+g{out}"
+  except (OSError, subprocess.SubprocessError):
+    return learned_opt.__version__
+
+
+def curve_summary(run_dir: str, *, points: int = 10) -> dict:
+  """Meta-loss at the start, end and best, and a few block means, from `metrics.jsonl`."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"{run_dir!r} has no metrics.jsonl: expected a `lopt meta-train` run folder")
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])  # resumed runs
+  loss = np.asarray([r["meta_loss"] for r in rows], np.float64)
+  k = max(1, min(10, len(loss) // 5))
+  edges = np.linspace(0, len(loss), min(points, len(loss)) + 1).astype(int)
+  return {
+      "outer_steps": int(rows[-1]["step"]),
+      "meta_loss_first": float(loss[:k].mean()),
+      "meta_loss_last": float(loss[-k:].mean()),
+      "meta_loss_best_block": float(min(loss[a:b].mean() for a, b in zip(edges[:-1], edges[1:]))),
+      "meta_loss_blocks": [round(float(loss[a:b].mean()), 4) for a, b in zip(edges[:-1], edges[1:])],
+      "step_wall_s": float(sum(r.get("wall_s", 0.0) for r in rows)),
+  }
+
+
+def heldout_summary(results: dict, name: str) -> dict:
+  """This optimizer's held-out numbers from an evaluation's `results.json` contents."""
+  per_task = {}
+  for task, t in results["tasks"].items():
+    r, ref = t["optimizers"].get(name), t["optimizers"].get(results["reference"])
+    if r is None or ref is None:
+      continue
+    mine, theirs = r["final_train_loss"], ref["final_train_loss"]
+    per_task[task] = {"loss_ratio_vs_tuned_adam": (mine / theirs if mine is not None and theirs
+                                                   else None),
+                      "diverged": r["diverged"], "speedup_bound": r.get("speedup_bound")}
+  return {"suite": results["suite"], "seeds": results["seeds"],
+          "summary": results.get("summary", {}).get(name), "tasks": per_task}
+
+
+def ship(run_dir: str, dest: str, *, wall_time_s: Optional[float] = None,
+         results: Optional[dict] = None, name: Optional[str] = None) -> str:
+  """Writes `dest` (.lopt): the run's exported optimizer with a provenance header.
+
+  Args:
+    run_dir: a finished `lopt meta-train` run folder (holds config.yaml, metrics.jsonl
+      and the exported `final.lopt`).
+    dest: the shipped file, e.g. checkpoints/per_param_mlp_small.lopt.
+    wall_time_s: measured wall time of the whole meta-training (compilation included).
+    results: an evaluation (`results.json` contents) that includes this optimizer.
+    name: its name in `results` (default: the file name of `dest`).
+  """
+  import yaml
+
+  import learned_opt
+  src = os.path.join(run_dir, "final.lopt")
+  if not os.path.isfile(src):
+    raise ValueError(f"{run_dir!r} has no final.lopt: the run has not finished")
+  lopt, meta_params, info = learned_opt.load(src)
+  with open(os.path.join(run_dir, "config.yaml")) as f:
+    config = yaml.safe_load(f)
+  info = {**info, "config": config, "code_version": code_version(os.path.dirname(os.path.abspath(dest))),
+          "meta_training": {**curve_summary(run_dir), "wall_time_s": wall_time_s}}
+  name = name or os.path.basename(dest).removesuffix(".lopt")
+  if results is not None:
+    info["heldout"] = heldout_summary(results, name)
+  learned_opt.save(dest, lopt, meta_params, info)
+  return dest
