@@ -17,6 +17,7 @@ setup(
         "learned_opt",
         "learned_opt.baselines",
         "learned_opt.bounds",
+        "learned_opt.fused",
         "learned_opt.tasks",
         "learned_opt.meta_train",
         "learned_opt.checkpoints",
