@@ -19,7 +19,7 @@ Pallas interpret mode, which is how the tests check it against the XLA path.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +64,11 @@ def _pad_to(x: jax.Array, shape) -> jax.Array:
   return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
-def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, has_m, has_v,
+def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_v,
             has_side, has_wd, has_scale, precision):
   it = iter(refs)
   g_ref, p_ref = next(it), next(it)
-  m_ref = next(it) if has_m else None
+  m_refs = [next(it) for _ in range(n_m)]
   v_ref = next(it) if has_v else None
   side_ref = next(it) if has_side else None
   w1_ref, b1_ref = next(it), next(it)
@@ -96,11 +96,11 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, has_m, ha
     elif ch.kind == "param":
       x = p
     elif ch.kind == "momentum":
-      x = load(m_ref.at[:, jnp.int32(ch.index)])
+      x = load(m_refs[ch.index])
     elif ch.kind == "rms":
       x = jnp.sqrt(v)
     elif ch.kind == "adam":
-      x = load(m_ref.at[:, jnp.int32(ch.index)]) * jax.lax.rsqrt(v + TINY)
+      x = load(m_refs[ch.index]) * jax.lax.rsqrt(v + TINY)
     else:  # "side": precomputed, already normalized
       x = load(side_ref.at[jnp.int32(ch.index)])
     term = x[:, None] * w1_ref[f, :][None, :]
@@ -126,7 +126,7 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, has_m, ha
   plt.store(u_ref, u.astype(u_ref.dtype), mask=valid)
 
 
-def leaf_update(g: jax.Array, p: jax.Array, m: Optional[jax.Array], v: Optional[jax.Array],
+def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[jax.Array],
                 side: Optional[jax.Array], *, channels: tuple, w_in: jax.Array,
                 b_in: jax.Array, hidden: tuple, w_out: jax.Array, b_out: jax.Array,
                 scalars: LeafScalars, exp_mult: float, has_wd: bool, has_scale: bool,
@@ -142,7 +142,7 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Optional[jax.Array], v: Optional[
   Args:
     g: gradient, any shape, any float dtype (sanitized in the kernel).
     p: parameter, same shape.
-    m: advanced momenta `[*shape, K]` float32, or None if no channel reads them.
+    m: advanced momenta, K float32 arrays shaped like `p` (empty if no channel reads them).
     v: advanced second moment `[*shape]` float32, or None.
     side: precomputed, normalized channels `[S, *shape]` float32, or None.
     channels: tuple of `Channel`, one per row of `w_in`, in the network's input order.
@@ -187,9 +187,9 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Optional[jax.Array], v: Optional[
   vec = pl.BlockSpec((block_size,), lambda i: (i,))
   full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
   ins, specs = [g.reshape(n), p.reshape(n)], [vec, vec]
-  if m is not None:
-    ins.append(m.reshape(n, m.shape[-1]))
-    specs.append(pl.BlockSpec((block_size, m.shape[-1]), lambda i: (i, 0)))
+  for mk in m:
+    ins.append(mk.reshape(n))
+    specs.append(vec)
   if v is not None:
     ins.append(v.reshape(n))
     specs.append(vec)
@@ -201,7 +201,7 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Optional[jax.Array], v: Optional[
   specs += [full(a) for a in small]
   kernel = functools.partial(
       _kernel, channels=tuple(channels), n=n, block=block_size, n_hidden=len(hidden),
-      dot_layers=tuple(dot_layers), exp_mult=float(exp_mult), has_m=m is not None,
+      dot_layers=tuple(dot_layers), exp_mult=float(exp_mult), n_m=len(m),
       has_v=v is not None, has_side=side is not None, has_wd=bool(has_wd),
       has_scale=bool(has_scale), precision=precision)
   compiler_params = None

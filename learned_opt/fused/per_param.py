@@ -58,6 +58,11 @@ def channels(spec: feats.FeatureSpec) -> tuple[fk.Channel, ...]:
   return tuple(out)
 
 
+def _channel(chans, j: int) -> jax.Array:
+  """Channel j of one leaf's features: a list of arrays, or one stacked [*shape, F]."""
+  return chans[j] if isinstance(chans, (list, tuple)) else chans[..., j]
+
+
 def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
                       fstate: feats.FeatureState, grads, params, *, w_in: jax.Array,
                       b_in: jax.Array, hidden: Sequence = (), w_out: jax.Array,
@@ -109,7 +114,12 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
     bo = b_out if b_out.ndim == 1 else b_out[i]
     side = None
     if side_cols:
-      side = jnp.stack([f.per_param[i][..., j] for j in side_cols])
+      side = jnp.stack([_channel(f.per_param[i], j) for j in side_cols])
+    m = []
+    if uses_m:  # K arrays, or one [*shape, K] array in older feature states
+      m_i = fstate.momenta[i]
+      m = list(m_i) if isinstance(m_i, (list, tuple)) else [
+          m_i[..., k] for k in range(m_i.shape[-1])]
     gs = sanitize(g)
     scal = fk.LeafScalars(
         grad_rsqrt_ms=jax.lax.rsqrt(jnp.mean(jnp.square(gs)) + feats.TINY), step=step[i],
@@ -117,7 +127,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
         out_scale=jnp.float32(1.0 if out_scales is None else out_scales[i]))
     has_scale = out_scales is not None and out_scales[i] != 1.0
     out.append(fk.leaf_update(
-        g, p, fstate.momenta[i] if uses_m else None, fstate.nu[i] if uses_v else None, side,
+        g, p, m, fstate.nu[i] if uses_v else None, side,
         channels=chans, w_in=w1, b_in=b_in[i], hidden=hidden, w_out=wo, b_out=bo,
         scalars=scal, exp_mult=exp_mult, has_wd=bool(weight_decay), has_scale=has_scale,
         interpret=interpret, block_size=block_size, num_warps=num_warps,
