@@ -271,6 +271,7 @@ def meta_throughput(pops, lopts: dict, rate: float, unroll: int = 10, rounds: in
         res[name][str(pop)] = {"inner_steps_per_s": sps, "outer_step_ms": 1e3 * sec,
                                "flop_share": sps * (model_flops + opt_flops) / rate,
                                "compile_s": compile_s}
+        print(f"meta {name} pop {pop}: {res[name][str(pop)]}", flush=True)
         del params, ostate
       except Exception as e:
         res[name][str(pop)] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -311,8 +312,12 @@ def main():
       out["agreement"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
       traceback.print_exc()
     print("agreement (max rel err fused vs xla):", out["agreement"], flush=True)
+  save = lambda: args.json and json.dump(out, open(args.json, "w"), indent=1)
+  save()
   if "step" in sections:
     out["train_step"] = train_step(big, fused_ok, args.iters, args.rounds)
+    print(json.dumps(out["train_step"]), flush=True)
+  save()
   if "meta" in sections:
     pops = [int(p) for p in args.pops.split(",")] if args.pops else (
         [64, 256, 1024, 8192] if big else [8, 32])
@@ -320,9 +325,7 @@ def main():
     if fused_ok:
       lopts["mlp_fused"] = lo.PerParamMLP(fused="pallas")
     out["meta"] = meta_throughput(pops, lopts, rate)
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+  save()
   # The table last: the reader sees it at the end of the output.
   print(f"\n== {out['device']} ({backend}), jax {jax.__version__}, {out['date']}")
   c = out["ceilings"]
