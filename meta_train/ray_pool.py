@@ -1,0 +1,402 @@
+"""Meta-training on a Ray cluster: worker actors hold slices of the task pools.
+
+`RayMetaTrainer` has the interface of `MetaTrainer` (`init(seed)`, `step(seed, learner,
+states)`), so the runner drives either. The learner keeps theta and the outer optimizer;
+each worker actor keeps its *shards* of the estimators' pools and, once per outer step,
+receives theta through the object store (one `ray.put`, read by every worker), runs
+its shards' truncations and returns one `GradEstimate` per shard. What travels is
+seeds, not noise: a worker rebuilds every key from (seed, step, accumulation index,
+family) exactly as the in-process trainer does, and each task folds in its global
+index, so a shard's estimate does not depend on which worker ran it.
+
+Determinism: pools are cut into shards of `tasks_per_shard` tasks, a partition fixed
+by the config and not by the number of workers; every shard runs the same compiled
+program whichever worker holds it, and the learner combines shard estimates in global
+(step, accumulation, family, shard) order. So in the synchronous mode with a fixed
+seed, 1 worker and 8 workers give bit-identical meta-parameters.
+
+Scheduling, stragglers, staleness and failures live in ray_scheduler.py. This module
+and that one are the only ones that import ray.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import ray
+from flax import struct
+
+from learned_opt.meta_train import outer
+from learned_opt.meta_train.estimator_base import combine_estimates
+from learned_opt.meta_train.ray_scheduler import Scheduler, Shard
+
+log = logging.getLogger("lopt.ray")
+
+# One XLA thread per actor: several single-threaded actors per node beat a few that
+# fight over cores (what ES populations want), and results stay bit-reproducible.
+SINGLE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "lopt", "jax_cache")
+
+
+@struct.dataclass
+class RayPools:
+  """What `RayMetaTrainer` returns in place of pool states (those stay on the workers).
+
+  pools_id: uint32 []: identifies the trainer's current pools; a handle restored from an
+    old checkpoint does not match it, and the trainer then re-initializes the pools
+    (`scatter_states` restores them exactly instead).
+  """
+  pools_id: jax.Array
+
+
+# ---- host transfer ---------------------------------------------------------------------
+def _is_key(x) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy leaves, typed PRNG keys as their raw uint32 data (plain arrays travel
+  through Ray's object store without copies)."""
+  return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x), tree)
+
+
+def from_host(tree: Any, template: Any) -> Any:
+  """Inverse of `to_host`; `template` (arrays or `jax.eval_shape` structs) says which
+  leaves are keys."""
+  def back(t, x):
+    return jax.random.wrap_key_data(jnp.asarray(x)) if _is_key(t) else jnp.asarray(x)
+  return jax.tree.map(back, template, tree)
+
+
+# ---- the shard layout --------------------------------------------------------------------
+def make_shards(num_tasks: Sequence[int], tasks_per_shard: int) -> list[Shard]:
+  """Cuts each estimator's pool into shards of `tasks_per_shard` consecutive tasks.
+
+  Args:
+    num_tasks: pool size of each estimator (family), in order.
+    tasks_per_shard: tasks per shard; must divide every pool size.
+  """
+  if not isinstance(tasks_per_shard, int) or tasks_per_shard < 1:
+    raise ValueError(f"tasks_per_shard must be a positive int, got {tasks_per_shard!r}")
+  shards = []
+  for f, n in enumerate(num_tasks):
+    if n % tasks_per_shard:
+      raise ValueError(f"tasks_per_shard={tasks_per_shard} does not divide estimator {f}'s "
+                       f"num_tasks={n}; expected a divisor of every pool size")
+    shards += [Shard(f, s, s * tasks_per_shard, (s + 1) * tasks_per_shard)
+               for s in range(n // tasks_per_shard)]
+  return shards
+
+
+def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]]:
+  """Balanced contiguous blocks of shards, one block per worker."""
+  if not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+  if num_workers > len(shards):
+    raise ValueError(f"num_workers={num_workers} exceeds the {len(shards)} shards of the pools; "
+                     "use fewer workers, more tasks, or a smaller tasks_per_shard")
+  bounds = np.linspace(0, len(shards), num_workers + 1).round().astype(int)
+  return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+# ---- the worker actor --------------------------------------------------------------------
+class PoolWorker:
+  """A Ray actor's body: the states of its shards and the estimators that advance them.
+
+  Every call carries the learner's `epoch` for this worker: pools exist for one epoch
+  only, so a restarted actor (empty) or one whose pools the learner has given up on
+  answers "uninitialized" instead of estimating from state the learner did not ask for.
+  """
+
+  def __init__(self, estimators: Sequence[Any], shards: Sequence[Shard], cache_dir: str | None):
+    if cache_dir:
+      # A restarted actor recompiles nothing the cluster has compiled before.
+      jax.config.update("jax_compilation_cache_dir", cache_dir)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    self._estimators = list(estimators)
+    self._shards = list(shards)
+    self._pools = None
+    self._epoch = -1
+    self._delay_s = 0.0
+
+  def node_id(self) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+  def pid(self) -> int:
+    return os.getpid()
+
+  def inject_delay(self, seconds: float) -> None:
+    """Makes every later `run` sleep first (straggler drills and tests)."""
+    self._delay_s = float(seconds)
+
+  def jit_cache_size(self) -> int:
+    """Compiled variants of the estimate function in this process (no-recompile checks)."""
+    from learned_opt.meta_train import estimator_base
+    return estimator_base._jit_estimate._cache_size()
+
+  def _init_pools(self, theta, seed: int, epoch: int) -> None:
+    k_pool = jax.random.split(outer._run_keys(seed)[0])[1]  # as MetaTrainer.init
+    pools = {}
+    for sh in self._shards:
+      indices = jnp.arange(sh.start, sh.stop, dtype=jnp.int32)
+      pools[sh.family, sh.index] = self._estimators[sh.family].init(
+          jax.random.fold_in(k_pool, sh.family), theta, indices=indices)
+    self._pools, self._epoch = pools, epoch
+
+  def _ready(self, epoch: int) -> bool:
+    return self._pools is not None and self._epoch == epoch
+
+  def run(self, theta, *, epoch: int, seed: int, version: int, accumulate: int, init: bool) -> dict:
+    """Advances every shard `accumulate` truncations with theta (of outer step `version`).
+
+    Returns {"status": "ok", "epoch", "version", "units": [((version, j, f, s),
+    GradEstimate), ...], "compute_s"} or {"status": "uninitialized", "epoch"}.
+    """
+    if self._delay_s:
+      time.sleep(self._delay_s)
+    t0 = time.perf_counter()
+    if init:
+      self._init_pools(theta, seed, epoch)
+    if not self._ready(epoch):
+      return {"status": "uninitialized", "epoch": epoch}
+    steps_key = outer._run_keys(seed)[1]
+    pools, units = dict(self._pools), []
+    for j in range(accumulate):
+      for sh in self._shards:
+        key = outer.estimate_key(steps_key, version, j, sh.family)
+        pools[sh.family, sh.index], est = self._estimators[sh.family].estimate(
+            key, theta, pools[sh.family, sh.index])
+        units.append(((version, j, sh.family, sh.index), est))
+    units = [(k, to_host(e)) for k, e in units]
+    self._pools = pools  # committed only once every shard has advanced
+    return {"status": "ok", "epoch": epoch, "version": version, "units": units,
+            "compute_s": time.perf_counter() - t0}
+
+  def get_states(self, theta, *, epoch: int, seed: int, init: bool) -> dict:
+    """The shards' pool states (host arrays), keyed by (family, shard)."""
+    if init:
+      self._init_pools(theta, seed, epoch)
+    if not self._ready(epoch):
+      return {"status": "uninitialized", "epoch": epoch}
+    return {"status": "ok", "epoch": epoch, "states": {k: to_host(v) for k, v in self._pools.items()}}
+
+  def set_states(self, states: dict, *, epoch: int) -> dict:
+    """Replaces the shards' pools by `states` ((family, shard) -> host state)."""
+    pools = {}
+    for sh in self._shards:
+      est = self._estimators[sh.family]
+      template = jax.eval_shape(lambda: est.init(jax.random.key(0), est.lopt.init_meta_params(
+          jax.random.key(0)), indices=jnp.arange(sh.start, sh.stop, dtype=jnp.int32)))
+      pools[sh.family, sh.index] = from_host(states[sh.family, sh.index], template)
+    self._pools, self._epoch = pools, epoch
+    return {"status": "ok", "epoch": epoch}
+
+
+# ---- starting Ray ------------------------------------------------------------------------
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
+  """Joins a running Ray cluster, or starts an embedded local one.
+
+  Token authentication stays as Ray configures it (on by default): joining a cluster
+  needs its token (RAY_AUTH_TOKEN or ~/.ray/auth_token), see docs/ray.md.
+
+  Args:
+    address: None: start a local Ray in this process's machine; "auto" or "HOST:PORT":
+      join that cluster.
+    num_cpus: CPUs of the local Ray (None: all of them); ignored when joining.
+
+  Returns:
+    Whether this call started Ray (and so who should shut it down).
+  """
+  if ray.is_initialized():
+    return False
+  if address is not None:
+    ray.init(address=address, log_to_driver=False)
+  else:
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+  return True
+
+
+# ---- the trainer -------------------------------------------------------------------------
+class RayMetaTrainer:
+  """Meta-training with the pools spread over Ray worker actors; see the module docstring.
+
+  Args:
+    estimators: one `GradientEstimator` per task family (as for `MetaTrainer`).
+    optimizer: the outer optax transform.
+    accumulate: truncations per shard averaged into one outer update.
+    num_workers: worker actors (at most the number of shards).
+    tasks_per_shard: the unit of work and of determinism; results are identical for
+      any `num_workers` at a fixed value. On CPU members run one after another, so 1
+      costs nothing; on accelerators raise it so each call vectorizes many tasks.
+    quorum: fraction (0, 1] of the step's shard estimates the learner needs before it
+      applies an update; 1.0 waits for all (deterministic).
+    timeout_s: once the quorum is met, how long (seconds from the step's start) to
+      wait for the remaining estimates; late ones are ignored. None: wait for all.
+    max_staleness: 0 is synchronous. S > 0 is asynchronous: estimates computed on
+      theta of up to S steps ago are applied, older ones are dropped, and workers are
+      re-sent theta as soon as they finish instead of at the step's start.
+    address: Ray address to join ("auto", "HOST:PORT"); None starts a local Ray.
+    num_cpus: CPUs of a local Ray (None: all).
+    cpus_per_worker, gpus_per_worker: Ray resources each actor reserves.
+    worker_env: environment variables of the actor processes (default: one thread).
+    compilation_cache_dir: JAX persistent compilation cache of the workers (None: off).
+    max_failures: worker failures tolerated over the run before giving up.
+  """
+
+  def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
+               accumulate: int = 1, num_workers: int = 1, tasks_per_shard: int = 1,
+               quorum: float = 1.0, timeout_s: float | None = None, max_staleness: int = 0,
+               address: str | None = None, num_cpus: int | None = None,
+               cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+               worker_env: dict[str, str] | None = None,
+               compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100):
+    if not estimators:
+      raise ValueError("RayMetaTrainer needs at least one estimator, got none")
+    if not isinstance(accumulate, int) or accumulate < 1:
+      raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+    self.estimators = list(estimators)
+    self.optimizer = optimizer
+    self.accumulate = accumulate
+    self.shards = make_shards([e.num_tasks for e in self.estimators], tasks_per_shard)
+    assignment = assign_shards(self.shards, num_workers)
+    self._owns_ray = connect(address, num_cpus=num_cpus)
+    env = SINGLE_THREAD_ENV if worker_env is None else worker_env
+    actor_cls = ray.remote(PoolWorker).options(
+        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=-1, max_task_retries=0,
+        scheduling_strategy="SPREAD", runtime_env={"env_vars": dict(env)} if env else None)
+    # One copy of the estimators (with their datasets) in the object store; restarted
+    # actors read it again from there.
+    self._estimators_ref = ray.put(self.estimators)
+    make_actor = lambda shards: actor_cls.remote(self._estimators_ref, shards, compilation_cache_dir)
+    self.scheduler = Scheduler(make_actor, assignment, num_units=accumulate * len(self.shards),
+                               accumulate=accumulate, quorum=quorum, timeout_s=timeout_s,
+                               max_staleness=max_staleness, max_failures=max_failures, log=log)
+    self._combine = jax.jit(combine_estimates)
+    self._pools_id = 0
+    self._seed = None
+    self._theta_ref = None
+
+  # ---- the MetaTrainer interface ------------------------------------------------------
+  @property
+  def lopt(self):
+    return self.estimators[0].lopt
+
+  @property
+  def num_workers(self) -> int:
+    return len(self.scheduler.slots)
+
+  @property
+  def inner_steps_per_outer_step(self) -> int:
+    """Inner steps (tasks x 2 signs x K) run per outer step when every shard reports."""
+    return self.accumulate * sum(2 * e.num_tasks * e.unroll_length for e in self.estimators)
+
+  def init(self, seed: int, meta_params: Any | None = None) -> tuple[outer.LearnerState, RayPools]:
+    """Learner state for run seed `seed` (theta as `MetaTrainer.init`) and a pools
+    handle; workers initialize their shards with theta in the first step."""
+    k_theta = jax.random.split(outer._run_keys(seed)[0])[0]
+    if meta_params is None:
+      meta_params = self.lopt.init_meta_params(k_theta)
+    self._seed = seed
+    self.scheduler.reset()
+    return outer.init_learner(meta_params, self.optimizer), self._new_handle()
+
+  def step(self, seed: int, learner: outer.LearnerState,
+           states: RayPools) -> tuple[outer.LearnerState, RayPools, dict]:
+    """One outer step: broadcast theta, gather shard estimates, one outer update."""
+    self._check_handle(states)
+    t0 = time.perf_counter()
+    version = int(learner.step)
+    self._theta_ref = ray.put(jax.device_get(learner.meta_params))
+    t_put = time.perf_counter() - t0
+    units, stats = self.scheduler.run_step(self._theta_ref, seed=seed, version=version)
+    t1 = time.perf_counter()
+    combined = self._combine([units[k] for k in sorted(units)])
+    learner, metrics = outer.apply_estimate(self.optimizer, learner, combined)
+    metrics = dict(metrics)
+    jax.block_until_ready(learner.meta_params)
+    stats["broadcast_s"] = t_put
+    stats["learner_s"] = time.perf_counter() - t1
+    metrics.update(stats)
+    return learner, states, metrics
+
+  # ---- checkpoints ------------------------------------------------------------------
+  def gather_states(self, states: RayPools, meta_params: Any | None = None) -> list:
+    """The full pool states in `MetaTrainer`'s layout (one per estimator, global task
+    order), fetched from the workers; what a run checkpoint stores.
+
+    Args:
+      states: the handle returned by `init` / `step`.
+      meta_params: theta to initialize pools with where a worker has none yet (default:
+        the last broadcast theta).
+    """
+    self._check_handle(states)
+    theta = self._theta_ref
+    if meta_params is not None or theta is None:
+      if meta_params is None:
+        raise ValueError("gather_states before the first step needs meta_params to "
+                         "initialize the pools with")
+      theta = ray.put(jax.device_get(meta_params))
+    by_shard = self.scheduler.get_states(theta, seed=self._seed)
+    out = []
+    for f, est in enumerate(self.estimators):
+      parts = [by_shard[sh.family, sh.index] for sh in self.shards if sh.family == f]
+      template = jax.eval_shape(lambda: est.init(jax.random.key(0), est.lopt.init_meta_params(
+          jax.random.key(0)), indices=jnp.arange(est.num_tasks, dtype=jnp.int32)))
+      out.append(from_host(jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *parts), template))
+    return out
+
+  def scatter_states(self, pool_states: Sequence[Any]) -> RayPools:
+    """Sends full pool states (`MetaTrainer` layout, e.g. from a checkpoint) to the
+    workers; returns the handle to continue with."""
+    if len(pool_states) != len(self.estimators):
+      raise ValueError(f"expected pool states for {len(self.estimators)} estimators, got "
+                       f"{len(pool_states)}")
+    by_shard = {}
+    for f, (est, st) in enumerate(zip(self.estimators, pool_states)):
+      host = to_host(st)
+      sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree.leaves(host)}
+      if sizes != {est.num_tasks}:
+        raise ValueError(f"pool states of estimator {f} have leading sizes {sorted(map(str, sizes))}; "
+                         f"expected num_tasks={est.num_tasks} on every leaf")
+      for sh in self.shards:
+        if sh.family == f:
+          by_shard[f, sh.index] = jax.tree.map(lambda x: x[sh.start:sh.stop], host)
+    self.scheduler.set_states(by_shard)
+    return self._new_handle()
+
+  def close(self) -> None:
+    """Stops the workers, and Ray if this trainer started it."""
+    self.scheduler.close()
+    if self._owns_ray and ray.is_initialized():
+      ray.shutdown()
+    self._owns_ray = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  # ---- internals --------------------------------------------------------------------
+  def _new_handle(self) -> RayPools:
+    self._pools_id = int.from_bytes(os.urandom(4), "little")
+    return RayPools(pools_id=jnp.asarray(self._pools_id, jnp.uint32))
+
+  def _check_handle(self, states) -> None:
+    if not isinstance(states, RayPools):
+      raise ValueError(f"RayMetaTrainer expects the RayPools handle from its init/step, got "
+                       f"{type(states).__name__}; restore checkpointed pools with scatter_states")
+    if int(states.pools_id) != self._pools_id:
+      # A handle from another process (e.g. a checkpoint restored without
+      # scatter_states): its pools are not on these workers, so start fresh ones.
+      log.warning("pool handle does not match this trainer's pools; re-initializing them")
+      self.scheduler.reset()
+      self._pools_id = int(states.pools_id)

@@ -1,0 +1,245 @@
+"""The learner's side of the Ray pool: dispatch, quorum, staleness, failures.
+
+Written by hand rather than with `ray.util.ActorPool` because that pool puts a
+still-busy actor back on timeout (a running jitted unroll cannot be cancelled), and
+because work here is tied to the actor that holds the shard states.
+
+Rules, per outer step `t` (the *version* of theta it broadcasts):
+  * every idle worker that has not yet finished version t is sent theta_t; a worker
+    still busy with an older version keeps running and is sent theta_t when it
+    returns, so a straggler never has two calls queued;
+  * a result is accepted if it comes from the worker's current *epoch* (pools the
+    learner initialized or restored; a restarted actor starts empty and answers
+    "uninitialized") and its version is at least t - max_staleness;
+  * the step ends when `quorum` of the units (shard x accumulation estimates) are in
+    and either nothing of version t is still running or `timeout_s` has passed;
+  * a worker that dies (process or node) is restarted by Ray (max_restarts=-1); the
+    learner bumps its epoch and re-sends version t with "initialize first", so its
+    units are recomputed from fresh pools, never from state half-built before the crash.
+Ray's own task retries are off: a finite retry budget can be spent before a dead node
+is declared, and units are defined by seeds, so re-issuing one from here is safe.
+Every accepted unit key (version, accumulation, family, shard) is applied once: a
+repeat raises instead of being averaged in twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import ray
+import ray.exceptions
+
+# Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
+_ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+_POLL_S = 30.0
+
+
+class Shard(NamedTuple):
+  """Tasks [start, stop) of estimator `family`'s pool; `index` is the shard's number
+  within that pool."""
+  family: int
+  index: int
+  start: int
+  stop: int
+
+
+@dataclasses.dataclass
+class _Slot:
+  """The learner's view of one worker actor."""
+  index: int
+  shards: list
+  actor: Any
+  epoch: int = 0
+  initialized: bool = False
+  ref: Any = None           # the call in flight (at most one)
+  ref_version: int = -1
+  done_version: int = -1    # newest version whose result came back in this epoch
+
+
+class Scheduler:
+  """Dispatches outer steps to worker actors and gathers their shard estimates.
+
+  Args:
+    make_actor: shards -> a new actor handle (a `PoolWorker`).
+    assignment: the shards of each worker.
+    num_units: estimates per step when every worker reports (accumulate x shards).
+    accumulate, quorum, timeout_s, max_staleness, max_failures: see `RayMetaTrainer`.
+    log: where failures and stragglers are reported.
+  """
+
+  def __init__(self, make_actor: Callable[[list], Any], assignment: Sequence[list], *,
+               num_units: int, accumulate: int, quorum: float, timeout_s: float | None,
+               max_staleness: int, max_failures: int, log: logging.Logger):
+    if not (isinstance(quorum, (int, float)) and 0.0 < quorum <= 1.0):
+      raise ValueError(f"quorum must be in (0, 1], got {quorum!r}")
+    if timeout_s is not None and not timeout_s >= 0:
+      raise ValueError(f"timeout_s must be >= 0 or None, got {timeout_s!r}")
+    if not isinstance(max_staleness, int) or max_staleness < 0:
+      raise ValueError(f"max_staleness must be an int >= 0 (0: synchronous), got {max_staleness!r}")
+    self.slots = [_Slot(i, list(shards), make_actor(list(shards))) for i, shards in enumerate(assignment)]
+    self.num_units = num_units
+    self.required = max(1, math.ceil(quorum * num_units - 1e-9))
+    self.accumulate = accumulate
+    self.timeout_s = timeout_s
+    self.max_staleness = max_staleness
+    self.max_failures = max_failures
+    self.failures = 0
+    self.log = log
+    self._applied: set = set()
+
+  # ---- one outer step ------------------------------------------------------------------
+  def reset(self) -> None:
+    """Forgets every worker's pools: the next call re-initializes them."""
+    for slot in self.slots:
+      slot.epoch += 1
+      slot.initialized = False
+      slot.done_version = -1
+
+  def run_step(self, theta_ref, *, seed: int, version: int) -> tuple[dict, dict]:
+    """Gathers unit estimates for outer step `version`.
+
+    Returns:
+      ({(version, j, family, shard): GradEstimate}, scalar stats of the step).
+    """
+    stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
+             "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0}
+    accepted: dict = {}
+    start = time.monotonic()
+    last_report = start
+    self._dispatch_idle(theta_ref, seed, version, stats)
+    while True:
+      running_current = any(s.ref is not None and s.ref_version == version for s in self.slots)
+      enough = len(accepted) >= self.required
+      elapsed = time.monotonic() - start
+      if enough and (not running_current or (self.timeout_s is not None and elapsed >= self.timeout_s)):
+        break
+      refs = [s.ref for s in self.slots if s.ref is not None]
+      if not refs:
+        raise RuntimeError(f"step {version}: no worker call in flight and only {len(accepted)} of "
+                           f"the {self.required} estimates needed; this is a scheduler bug")
+      wait = _POLL_S
+      if enough and self.timeout_s is not None:
+        wait = max(0.0, self.timeout_s - elapsed)
+      ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
+      if ready:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+      for ref in ready:
+        slot = next(s for s in self.slots if s.ref is not None and s.ref == ref)
+        self._receive(slot, version, accepted, stats)
+      self._dispatch_idle(theta_ref, seed, version, stats)
+      now = time.monotonic()
+      if not ready and now - last_report >= _POLL_S:
+        waiting = [s.index for s in self.slots if s.ref is not None]
+        self.log.warning("step %d: %d of %d estimates after %.0f s; waiting for workers %s",
+                         version, len(accepted), self.required, now - start, waiting)
+        last_report = now
+    dup = self._applied.intersection(accepted)
+    if dup:
+      raise RuntimeError(f"estimates {sorted(dup)[:3]} were already applied; refusing to apply "
+                         "them twice")
+    self._applied.update(accepted)
+    self._applied = {k for k in self._applied if k[0] >= version - self.max_staleness}
+    stats["units_used"] = len(accepted)
+    if accepted:
+      stats["staleness"] = sum(version - k[0] for k in accepted) / len(accepted)
+    stats["wait_s"] = time.monotonic() - start
+    return accepted, stats
+
+  def _dispatch_idle(self, theta_ref, seed, version, stats) -> None:
+    for slot in self.slots:
+      if slot.ref is None and slot.done_version < version:
+        init = not slot.initialized
+        stats["pool_inits"] += int(init)
+        slot.ref = slot.actor.run.remote(theta_ref, epoch=slot.epoch, seed=seed, version=version,
+                                         accumulate=self.accumulate, init=init)
+        slot.ref_version = version
+        # Optimistic: if this call fails, _receive marks the pools lost again.
+        slot.initialized = True
+
+  def _receive(self, slot: _Slot, version: int, accepted: dict, stats: dict) -> None:
+    ref, slot.ref = slot.ref, None
+    try:
+      result = ray.get(ref)
+    except _ACTOR_LOST as e:
+      self._lost(slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+      stats["worker_failures"] += 1
+      return
+    if result["status"] == "uninitialized" or result["epoch"] != slot.epoch:
+      # A restarted actor, or a result of pools the learner has since replaced.
+      if result["status"] == "uninitialized":
+        self.log.warning("worker %d has no pools (restarted?); re-initializing them", slot.index)
+        slot.epoch += 1
+        slot.initialized = False
+      return
+    slot.done_version = max(slot.done_version, result["version"])
+    if version - result["version"] > self.max_staleness:
+      stats["units_dropped_stale"] += len(result["units"])
+      return
+    for key, est in result["units"]:
+      if key in accepted:
+        raise RuntimeError(f"estimate {key} arrived twice in one step; refusing to apply it twice")
+      accepted[key] = est
+    if result["version"] == version:
+      stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
+
+  def _lost(self, slot: _Slot, why: str) -> None:
+    self.failures += 1
+    self.log.warning("worker %d lost (%s); Ray restarts it and its pools are re-initialized "
+                     "(failure %d of at most %d)", slot.index, why, self.failures, self.max_failures)
+    if self.failures > self.max_failures:
+      raise RuntimeError(f"{self.failures} worker failures exceed max_failures={self.max_failures}; "
+                         "see the log of lopt.ray for their causes")
+    slot.epoch += 1
+    slot.initialized = False
+    slot.done_version = -1
+
+  # ---- whole-pool calls (checkpoints) -----------------------------------------------------
+  def _call_all(self, call: Callable[[_Slot], Any]) -> dict:
+    """Runs `call(slot)` on every worker, re-issuing it on workers that die."""
+    results = {}
+    todo = list(self.slots)
+    while todo:
+      refs = {s.index: call(s) for s in todo}
+      again = []
+      for slot in todo:
+        try:
+          results[slot.index] = ray.get(refs[slot.index])
+        except _ACTOR_LOST as e:
+          self._lost(slot, f"{type(e).__name__} during a pool transfer")
+          again.append(slot)
+      todo = again
+    return results
+
+  def get_states(self, theta_ref, *, seed: int) -> dict:
+    """{(family, shard): host pool state} from every worker (initializing empty ones)."""
+    def call(slot):
+      init = not slot.initialized
+      slot.initialized = True
+      return slot.actor.get_states.remote(theta_ref, epoch=slot.epoch, seed=seed, init=init)
+    out = {}
+    for index, result in self._call_all(call).items():
+      if result["status"] != "ok":
+        raise RuntimeError(f"worker {index} returned no pool states ({result['status']})")
+      out.update(result["states"])
+    return out
+
+  def set_states(self, by_shard: dict) -> None:
+    """Replaces every worker's pools; calls still in flight become stale (old epoch)."""
+    def call(slot):
+      slot.epoch += 1
+      slot.initialized = True
+      slot.done_version = -1
+      mine = {(sh.family, sh.index): by_shard[sh.family, sh.index] for sh in slot.shards}
+      return slot.actor.set_states.remote(mine, epoch=slot.epoch)
+    self._call_all(call)
+
+  def close(self) -> None:
+    for slot in self.slots:
+      try:
+        ray.kill(slot.actor, no_restart=True)
+      except Exception:  # already gone or Ray already shut down: nothing to stop
+        pass
+    self.slots = []
