@@ -62,6 +62,15 @@ class SmoothRule:
   scale: Fn | None = None
   domain_min: float | None = None
   remainder_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  increasing: bool = True
+
+  def image(self, x: Interval) -> Interval:
+    """{f(x) : x in [lo, hi]} (f is monotone; the domain's edge gives f's limit)."""
+    lo, hi = x.lo, x.hi
+    if self.domain_min is not None:
+      lo, hi = jnp.maximum(lo, self.domain_min), jnp.maximum(hi, self.domain_min)
+    a, b = self.f(lo), self.f(hi)
+    return Interval(a, b) if self.increasing else Interval(b, a)
 
   def value_and_slope(self, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
     return self.f(x0), self.d1(x0)
@@ -115,8 +124,17 @@ class KinkRule:
   right: float
   at_zero: float = 0.0
 
+  def _f(self, x):
+    return jnp.where(x >= 0, self.right * x, self.left * x)
+
+  def image(self, x: Interval) -> Interval:
+    a, b = self._f(x.lo), self._f(x.hi)
+    lo, hi = jnp.minimum(a, b), jnp.maximum(a, b)
+    inside = (x.lo < 0) & (x.hi > 0)
+    return Interval(jnp.where(inside, jnp.minimum(lo, 0.0), lo), jnp.where(inside, jnp.maximum(hi, 0.0), hi))
+
   def value_and_slope(self, x0):
-    f0 = jnp.where(x0 >= 0, self.right * x0, self.left * x0)
+    f0 = self._f(x0)
     f1 = jnp.where(x0 > 0, self.right, jnp.where(x0 < 0, self.left, self.at_zero))
     return f0, f1.astype(x0.dtype)
 
@@ -145,6 +163,12 @@ class PolyRule:
   def value_and_slope(self, x0):
     return x0 ** self.power, self.power * x0 ** (self.power - 1)
 
+  def image(self, x: Interval) -> Interval:
+    if self.power == 2:
+      from learned_opt.bounds.interval import square
+      return square(x)
+    return Interval(x.lo ** 3, x.hi ** 3)
+
   def remainder(self, x0, lo, hi, f0, f1) -> Interval:
     del f0, f1
     if self.power == 2:
@@ -161,6 +185,10 @@ class ReciprocalRule:
 
   def value_and_slope(self, x0):
     return 1.0 / x0, -1.0 / (x0 * x0)
+
+  def image(self, x: Interval) -> Interval:
+    ok = (x.lo > 0) | (x.hi < 0)
+    return Interval(jnp.where(ok, 1.0 / x.hi, -jnp.inf), jnp.where(ok, 1.0 / x.lo, jnp.inf))
 
   def remainder(self, x0, lo, hi, f0, f1) -> Interval:
     del f0, f1
@@ -226,7 +254,7 @@ SQRT = SmoothRule("sqrt", jnp.sqrt, lambda x: 0.5 * x**-0.5, lambda x: -0.25 * x
                   domain_min=0.0)
 RSQRT = SmoothRule("rsqrt", jax.lax.rsqrt, lambda x: -0.5 * x**-1.5, lambda x: 0.75 * x**-2.5,
                    lambda x: -1.875 * x**-3.5, lambda x: 6.5625 * x**-4.5, scale=jnp.abs,
-                   domain_min=0.0)
+                   domain_min=0.0, increasing=False)
 RELU = KinkRule("relu", 0.0, 1.0)
 ABS = KinkRule("abs", -1.0, 1.0)
 SQUARE = PolyRule("square", 2)

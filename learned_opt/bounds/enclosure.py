@@ -24,10 +24,17 @@ from learned_opt.bounds.interval import Interval
 
 
 class Enclosure(NamedTuple):
-  """c0 + c1 eta + rem eta^2 over [0, t]; `rem` None means exactly [0, 0]."""
+  """c0 + c1 eta + rem eta^2 over [0, t]; `rem` None means exactly [0, 0].
+
+  `rng`, when known, is a second enclosure of the values over the region from plain
+  interval arithmetic (e.g. exp(x) > 0); it is intersected with c0 + [0, t] Y, which
+  alone can dip below 0 for a positive quantity and send log or rsqrt off their domain.
+  It is carried through cheap operations only (elementwise, structural, sums).
+  """
   c0: jax.Array
   c1: jax.Array
   rem: Optional[Interval] = None
+  rng: Optional[Interval] = None
 
   @property
   def shape(self):
@@ -45,8 +52,9 @@ def lift(x: jax.Array) -> Enclosure:
 
 
 def full(e: Enclosure) -> Enclosure:
-  """The same enclosure with an explicit remainder (for loop carries and branches)."""
-  return e if e.rem is not None else Enclosure(e.c0, e.c1, iv.zeros_like(e.c0))
+  """The same enclosure with an explicit remainder and no range (one pytree structure
+  for loop carries and branches)."""
+  return Enclosure(e.c0, e.c1, remainder(e), None)
 
 
 def remainder(e: Enclosure) -> Interval:
@@ -62,7 +70,13 @@ def slope_interval(e: Enclosure, t: jax.Array) -> Interval:
 
 def value_range(e: Enclosure, t: jax.Array) -> Interval:
   """The range of v(eta) over [0, t]."""
-  return iv.add_point(iv.times_unit(slope_interval(e, t), t), e.c0)
+  derived = iv.add_point(iv.times_unit(slope_interval(e, t), t), e.c0)
+  return derived if e.rng is None else iv.intersect(derived, e.rng)
+
+
+def _rng_of(x) -> Optional[Interval]:
+  """The known range of an enclosure, or the point range of a constant."""
+  return x.rng if isinstance(x, Enclosure) else iv.point(jnp.asarray(x))
 
 
 def _add_rem(a: Optional[Interval], b: Optional[Interval]) -> Optional[Interval]:
@@ -73,34 +87,46 @@ def _add_rem(a: Optional[Interval], b: Optional[Interval]) -> Optional[Interval]
   return iv.add(a, b)
 
 
-def add(a: Enclosure, b: Enclosure) -> Enclosure:
-  return Enclosure(a.c0 + b.c0, a.c1 + b.c1, _add_rem(a.rem, b.rem))
+def add(a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
+  out = Enclosure(a.c0 + b.c0, a.c1 + b.c1, _add_rem(a.rem, b.rem))
+  if a.rng is None and b.rng is None:
+    return out
+  return out._replace(rng=iv.add(value_range(a, t), value_range(b, t)))
+
+
+def add_const(a: Enclosure, p: jax.Array) -> Enclosure:
+  return Enclosure(a.c0 + p, a.c1, a.rem, None if a.rng is None else iv.add_point(a.rng, p))
 
 
 def neg(a: Enclosure) -> Enclosure:
-  return Enclosure(-a.c0, -a.c1, None if a.rem is None else iv.neg(a.rem))
+  return Enclosure(-a.c0, -a.c1, None if a.rem is None else iv.neg(a.rem),
+                   None if a.rng is None else iv.neg(a.rng))
 
 
-def sub(a: Enclosure, b: Enclosure) -> Enclosure:
-  return add(a, neg(b))
+def sub(a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
+  return add(a, neg(b), t)
 
 
 def scale(a: Enclosure, p: jax.Array) -> Enclosure:
   """a * p for a constant p (broadcasting)."""
-  return Enclosure(a.c0 * p, a.c1 * p, None if a.rem is None else iv.scale(a.rem, p))
+  return Enclosure(a.c0 * p, a.c1 * p, None if a.rem is None else iv.scale(a.rem, p),
+                   None if a.rng is None else iv.scale(a.rng, p))
 
 
 def divide(a: Enclosure, p: jax.Array) -> Enclosure:
   """a / p for a constant p: divides (rather than multiplies by 1/p) so c0 rounds like f."""
-  if a.rem is None:
-    return Enclosure(a.c0 / p, a.c1 / p, None)
-  x, y = a.rem.lo / p, a.rem.hi / p
-  return Enclosure(a.c0 / p, a.c1 / p, Interval(jnp.minimum(x, y), jnp.maximum(x, y)))
+  def div(i):
+    if i is None:
+      return None
+    x, y = i.lo / p, i.hi / p
+    return Interval(jnp.minimum(x, y), jnp.maximum(x, y))
+  return Enclosure(a.c0 / p, a.c1 / p, div(a.rem), div(a.rng))
 
 
 def positive_map(a: Enclosure, f: Callable[[jax.Array], jax.Array]) -> Enclosure:
   """A linear map with nonnegative coefficients (reshape, slice, gather, sum, ...)."""
-  return Enclosure(f(a.c0), f(a.c1), None if a.rem is None else Interval(f(a.rem.lo), f(a.rem.hi)))
+  pm = lambda i: None if i is None else Interval(f(i.lo), f(i.hi))
+  return Enclosure(f(a.c0), f(a.c1), pm(a.rem), pm(a.rng))
 
 
 def _product(op_pp, op_pi, op_ip, op_ii, a: Enclosure, b: Enclosure, t) -> Enclosure:
@@ -128,23 +154,36 @@ def _product(op_pp, op_pi, op_ip, op_ii, a: Enclosure, b: Enclosure, t) -> Enclo
 
 def mul(a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
   """Elementwise product of two enclosures (exact interval products)."""
-  return _product(jnp.multiply, lambda p, i: iv.scale(i, p), lambda i, p: iv.scale(i, p),
-                  iv.mul, a, b, t)
+  out = _product(jnp.multiply, lambda p, i: iv.scale(i, p), lambda i, p: iv.scale(i, p),
+                 iv.mul, a, b, t)
+  if a.rng is None and b.rng is None:
+    return out
+  return out._replace(rng=iv.mul(value_range(a, t), value_range(b, t)))
 
 
 def bilinear(op: iv.Bilinear, a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
-  """op(a, b) for a bilinear op of two enclosures (dot_general, conv), midpoint-radius."""
-  return _product(op, lambda p, i: iv.bilinear_pi(op, p, i), lambda i, p: iv.bilinear_ip(op, i, p),
-                  lambda i, j: iv.bilinear_ii(op, i, j), a, b, t)
+  """op(a, b) for a bilinear op of two enclosures (dot_general, conv), midpoint-radius.
+
+  When an input has a known range (it comes out of a nonlinearity), the output range is
+  carried too (three more calls of op): after a kink or saturation the Taylor form's
+  own range can be far wider than the true one.
+  """
+  out = _product(op, lambda p, i: iv.bilinear_pi(op, p, i), lambda i, p: iv.bilinear_ip(op, i, p),
+                 lambda i, j: iv.bilinear_ii(op, i, j), a, b, t)
+  if a.rng is None and b.rng is None:
+    return out
+  return out._replace(rng=iv.bilinear_ii(op, value_range(a, t), value_range(b, t)))
 
 
-def bilinear_const(op: iv.Bilinear, a, b) -> Enclosure:
+def bilinear_const(op: iv.Bilinear, a, b, t: jax.Array) -> Enclosure:
   """op(a, b) where exactly one of a, b is a constant array: a linear map of the other."""
   if isinstance(a, Enclosure):
     rem = None if a.rem is None else iv.bilinear_ip(op, a.rem, b)
-    return Enclosure(op(a.c0, b), op(a.c1, b), rem)
+    rng = None if a.rng is None else iv.bilinear_ip(op, value_range(a, t), b)
+    return Enclosure(op(a.c0, b), op(a.c1, b), rem, rng)
   rem = None if b.rem is None else iv.bilinear_pi(op, a, b.rem)
-  return Enclosure(op(a, b.c0), op(a, b.c1), rem)
+  rng = None if b.rng is None else iv.bilinear_pi(op, a, value_range(b, t))
+  return Enclosure(op(a, b.c0), op(a, b.c1), rem, rng)
 
 
 def compose(rule, a: Enclosure, t: jax.Array) -> Enclosure:
@@ -152,9 +191,9 @@ def compose(rule, a: Enclosure, t: jax.Array) -> Enclosure:
   f(a0 + eta Y) = f(a0) + f'(a0) (a1 eta + A eta^2) + r(range) (eta Y)^2."""
   f0, f1 = rule.value_and_slope(a.c0)
   y = slope_interval(a, t)
-  rng = iv.add_point(iv.times_unit(y, t), a.c0)
+  rng = value_range(a, t)
   r = rule.remainder(a.c0, rng.lo, rng.hi, f0, f1)
   rem = iv.mul(r, iv.square(y))
   if a.rem is not None:
     rem = iv.add(rem, iv.scale(a.rem, f1))
-  return Enclosure(f0, f1 * a.c1, rem)
+  return Enclosure(f0, f1 * a.c1, rem, rule.image(rng))

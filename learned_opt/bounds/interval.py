@@ -90,6 +90,11 @@ def hull(a: Interval, b: Interval) -> Interval:
   return Interval(jnp.minimum(a.lo, b.lo), jnp.maximum(a.hi, b.hi))
 
 
+def intersect(a: Interval, b: Interval) -> Interval:
+  """a and b both hold the same quantity; their intersection holds it too."""
+  return Interval(jnp.maximum(a.lo, b.lo), jnp.minimum(a.hi, b.hi))
+
+
 def from_midrad(mid: jax.Array, rad: jax.Array) -> Interval:
   return Interval(mid - rad, mid + rad)
 

@@ -58,13 +58,19 @@ def _prim_fn(eqn, params):
 
 # ------------------------------------------------------------------ structural
 
-def _componentwise(f, vals, data_pos: Sequence[int], multiple: bool):
+def _componentwise(f, vals, data_pos: Sequence[int], multiple: bool, t):
   """Applies f to the c0s, c1s, los and his of the data operands (constants lifted)."""
   data = {i: (vals[i] if _is_enc(vals[i]) else enc.lift(vals[i])) for i in data_pos}
   def args_with(getter):
     return [getter(data[i]) if i in data else vals[i] for i in range(len(vals))]
   c0 = f(*args_with(lambda e: e.c0))
   c1 = f(*args_with(lambda e: e.c1))
+  rng = None
+  if any(data[i].rng is not None for i in data):
+    ranges = {i: (enc.value_range(data[i], t) if _is_enc(vals[i]) else iv.point(vals[i]))
+              for i in data}
+    rng = (f(*[ranges[i].lo if i in data else vals[i] for i in range(len(vals))]),
+           f(*[ranges[i].hi if i in data else vals[i] for i in range(len(vals))]))
   if all(data[i].rem is None for i in data):
     rems = None
   else:
@@ -72,8 +78,10 @@ def _componentwise(f, vals, data_pos: Sequence[int], multiple: bool):
     hi = f(*args_with(lambda e: enc.remainder(e).hi))
     rems = (lo, hi)
   if not multiple:
-    return [Enclosure(c0, c1, None if rems is None else iv.Interval(*rems))]
-  return [Enclosure(a, b, None if rems is None else iv.Interval(rems[0][k], rems[1][k]))
+    return [Enclosure(c0, c1, None if rems is None else iv.Interval(*rems),
+                      None if rng is None else iv.Interval(*rng))]
+  return [Enclosure(a, b, None if rems is None else iv.Interval(rems[0][k], rems[1][k]),
+                    None if rng is None else iv.Interval(rng[0][k], rng[1][k]))
           for k, (a, b) in enumerate(zip(c0, c1))]
 
 
@@ -85,7 +93,7 @@ def _structural(data_pos=None, index_what="index operand"):
       if i not in positions:
         _require_const(vals[i], index_what, ctx, eqn.primitive.name)
     return _componentwise(_prim_fn(eqn, params), vals, list(positions),
-                          eqn.primitive.multiple_results)
+                          eqn.primitive.multiple_results, ctx.t)
   return rule
 
 
@@ -109,7 +117,7 @@ def _convert(vals, params, ctx, *, live, eqn):
     raise UnsupportedPrimitiveError(
         f"taylor_bounds: convert_element_type to {params['new_dtype']} in {ctx.where} is "
         f"applied to a value that depends on the step size (expected a float dtype)")
-  return _componentwise(_prim_fn(eqn, params), vals, [0], False)
+  return _componentwise(_prim_fn(eqn, params), vals, [0], False, ctx.t)
 
 
 # ------------------------------------------------------------------ arithmetic
@@ -124,19 +132,18 @@ def _add(vals, params, ctx, *, live, eqn):
   if not _is_enc(a):
     a, b = b, a
   if not _is_enc(b):
-    return [Enclosure(a.c0 + b, a.c1, a.rem)]
-  return [enc.add(a, b)]
+    return [enc.add_const(a, b)]
+  return [enc.add(a, b, ctx.t)]
 
 
 @_register("sub")
 def _sub(vals, params, ctx, *, live, eqn):
   a, b = vals
   if not _is_enc(b):
-    return [Enclosure(a.c0 - b, a.c1, a.rem)]
+    return [enc.add_const(a, -b)]
   if not _is_enc(a):
-    n = enc.neg(b)
-    return [Enclosure(a + n.c0, n.c1, n.rem)]
-  return [enc.sub(a, b)]
+    return [enc.add_const(enc.neg(b), a)]
+  return [enc.sub(a, b, ctx.t)]
 
 
 @_register("neg")
@@ -167,7 +174,7 @@ def _bilinear(vals, params, ctx, *, live, eqn):
   op = _prim_fn(eqn, params)
   if _is_enc(a) and _is_enc(b):
     return [enc.bilinear(op, a, b, ctx.t)]
-  return [enc.bilinear_const(op, a, b)]
+  return [enc.bilinear_const(op, a, b, ctx.t)]
 
 
 # ------------------------------------------------------------------ elementwise
@@ -208,30 +215,29 @@ def _integer_pow(vals, params, ctx, *, live, eqn):
 def _relu_of_difference(a, b, t):
   """relu(a - b) for enclosures or constants (at least one an enclosure)."""
   if not _is_enc(b):
-    d = Enclosure(a.c0 - b, a.c1, a.rem)
+    d = enc.add_const(a, -b)
   elif not _is_enc(a):
-    n = enc.neg(b)
-    d = Enclosure(a + n.c0, n.c1, n.rem)
+    d = enc.add_const(enc.neg(b), a)
   else:
-    d = enc.sub(a, b)
+    d = enc.sub(a, b, t)
   return enc.compose(ew.RELU, d, t)
 
 
-def _plus(x: Enclosure, c):
-  return enc.add(x, c) if _is_enc(c) else Enclosure(x.c0 + c, x.c1, x.rem)
+def _plus(x: Enclosure, c, t):
+  return enc.add(x, c, t) if _is_enc(c) else enc.add_const(x, c)
 
 
 @_register("max")
 def _max(vals, params, ctx, *, live, eqn):
   a, b = vals  # max(a, b) = b + relu(a - b); relu is the (sharp) kink rule
-  return [_plus(_relu_of_difference(a, b, ctx.t), b)]
+  return [_plus(_relu_of_difference(a, b, ctx.t), b, ctx.t)]
 
 
 @_register("min")
 def _min(vals, params, ctx, *, live, eqn):
   a, b = vals  # min(a, b) = a - relu(a - b)
   r = enc.neg(_relu_of_difference(a, b, ctx.t))
-  return [_plus(r, a)]
+  return [_plus(r, a, ctx.t)]
 
 
 # ------------------------------------------------------------------ control flow
@@ -259,8 +265,8 @@ def _inline(vals, params, ctx, *, live, eqn):
     # jnp.logaddexp guards NaN with a select on its own value; use its closed form
     # logaddexp(a, b) = b + softplus(a - b) with the sharp softplus rule instead.
     a, b = vals
-    d = enc.sub(_as_enc(a), _as_enc(b))
-    return [_plus(enc.compose(ew.SOFTPLUS, d, ctx.t), b)]
+    d = enc.sub(_as_enc(a), _as_enc(b), ctx.t)
+    return [_plus(enc.compose(ew.SOFTPLUS, d, ctx.t), b, ctx.t)]
   return ctx.eval_jaxpr(jaxpr, consts, vals, live, name)
 
 

@@ -1,0 +1,201 @@
+"""SafeRate: a step size from a rigorous quadratic upper bound of the loss along a direction.
+
+Streeter & Dillon (2022), "Automatically bounding the Taylor remainder series: tighter
+bounds and new applications", Sec. 5. Given a direction d (from any optimizer) and a
+trust region [0, eta_max], `learned_opt.bounds.taylor_bounds` gives
+
+    f(eta) = L(params + eta d) <= f(0) + f'(0) eta + B eta^2     for all eta in [0, eta_max].
+
+The step minimizes that bound: eta = clip(-f'(0) / (2B), 0, eta_max) if B > 0, else the
+better end point. So on a deterministic (full-batch) loss the loss never increases (up
+to rounding; use float64, as the paper does). Then eta_max halves if eta < eta_max / 2
+and doubles otherwise. A non-finite value, slope or bound takes no step and halves
+eta_max (the paper's notebook lets the NaN through; we don't).
+
+Cost: one pass of the loss in enclosure arithmetic per step, on top of the direction's
+own cost (the gradient). `value_fn` comes through optax's extra arguments, as for
+`optax.scale_by_backtracking_linesearch`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from learned_opt.bounds import taylor_bounds
+
+
+class SafeRateInfo(NamedTuple):
+  """What one SafeRate step saw (scalars).
+
+  Attributes:
+    step_size: the eta taken (0 when the bound was not finite).
+    max_step_size: the trust region eta_max the bound was computed on.
+    value: f(0), the loss at the current parameters.
+    slope: f'(0), the loss's derivative along the direction.
+    curvature_bound: B, the upper end of the remainder interval.
+    curvature_lower: the lower end of the remainder interval.
+    predicted_value: the upper bound f(0) + f'(0) eta + B eta^2 at the eta taken.
+    finite: whether value, slope and bound were all finite.
+  """
+  step_size: jax.Array
+  max_step_size: jax.Array
+  value: jax.Array
+  slope: jax.Array
+  curvature_bound: jax.Array
+  curvature_lower: jax.Array
+  predicted_value: jax.Array
+  finite: jax.Array
+
+
+class SafeRateState(NamedTuple):
+  """State of `saferate`: the direction's state, eta_max for the next step, last info."""
+  direction_state: optax.OptState
+  max_step_size: jax.Array
+  info: SafeRateInfo
+
+
+def _float_dtype(tree) -> Any:
+  floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  return jnp.result_type(*floats) if floats else jnp.result_type(float)
+
+
+def step_from_bound(value, slope, curvature_bound, max_step_size):
+  """The SafeRate rule: argmin of value + slope eta + B eta^2 over [0, max_step_size].
+
+  Returns (eta, finite). B > 0: the clipped vertex; B <= 0: the bound is concave, so the
+  better end point. Non-finite inputs give eta = 0.
+  """
+  t = max_step_size
+  finite = jnp.isfinite(value) & jnp.isfinite(slope) & jnp.isfinite(curvature_bound)
+  b_safe = jnp.where(curvature_bound > 0, curvature_bound, 1.0)
+  vertex = jnp.clip(-slope / (2.0 * b_safe), 0.0, t)
+  end = jnp.where(slope * t + curvature_bound * t * t < 0, t, 0.0)
+  eta = jnp.where(curvature_bound > 0, vertex, end)
+  return jnp.where(finite, eta, 0.0).astype(jnp.result_type(t)), finite
+
+
+def saferate_step(value_fn: Callable[[Any], jax.Array], params: Any, direction: Any,
+                  max_lr: jax.Array | float) -> tuple[jax.Array, SafeRateInfo]:
+  """The SafeRate step size along `direction` (a feature for learned optimizers too).
+
+  Args:
+    value_fn: params -> scalar loss, deterministic (e.g. the loss on a fixed batch).
+    params: the current parameters (pytree).
+    direction: an update direction with params' structure (e.g. -Adam's m / sqrt(v)).
+    max_lr: the trust region eta_max > 0 (scalar, may be traced).
+
+  Returns:
+    (eta, info): eta in [0, max_lr] minimizing the bound, and a `SafeRateInfo`.
+  """
+  dtype = _float_dtype(params)
+  t = jnp.asarray(max_lr, dtype)
+  b = taylor_bounds(value_fn, params, direction, t)
+  if jnp.ndim(b.value) != 0:
+    raise ValueError(f"saferate_step: value_fn must return a scalar loss, got shape "
+                     f"{jnp.shape(b.value)}")
+  eta, finite = step_from_bound(b.value, b.slope, b.remainder.hi, t)
+  predicted = b.value + b.slope * eta + b.remainder.hi * eta * eta
+  info = SafeRateInfo(eta, t, b.value, b.slope, b.remainder.hi, b.remainder.lo,
+                      jnp.where(finite, predicted, b.value), finite)
+  return eta, info
+
+
+def _empty_info(dtype) -> SafeRateInfo:
+  z = jnp.zeros((), dtype)
+  return SafeRateInfo(z, z, z, z, z, z, z, jnp.asarray(True))
+
+
+def saferate(direction_tx: optax.GradientTransformation, *, init_max_lr: float = 1.0,
+             growth: float = 2.0, shrink: float = 0.5, min_max_lr: Optional[float] = None,
+             max_max_lr: Optional[float] = None) -> optax.GradientTransformationExtraArgs:
+  """SafeRate around any optimizer: its updates give the direction, SafeRate the length.
+
+  The returned transform's `update(updates, state, params, *, value_fn, **extra)` needs
+  `params` and `value_fn` (params -> scalar loss; SafeRate's guarantee is for the loss
+  `value_fn` computes, so pass the full-batch loss for a monotone descent); `**extra` is
+  forwarded to `direction_tx`. The output is eta * direction (additive, optax style).
+
+  Args:
+    direction_tx: an optax transform whose updates are descent directions at unit step
+      size (e.g. `optax.chain(optax.scale_by_adam(), optax.scale(-1.0))`); eta is in the
+      unit of its output.
+    init_max_lr: the first trust region eta_max (the paper starts at 1).
+    growth: eta_max is multiplied by this when eta >= eta_max / 2.
+    shrink: eta_max is multiplied by this when eta < eta_max / 2 or the bound is not
+      finite.
+    min_max_lr: optional floor of eta_max; max_max_lr: optional ceiling.
+
+  Float64 is recommended (`jax.config.update("jax_enable_x64", True)` and float64
+  params): the bound ignores rounding, so float32 can see increases of ~1e-7 relative.
+  """
+  if not init_max_lr > 0:
+    raise ValueError(f"saferate: init_max_lr must be > 0, got {init_max_lr!r}")
+  if not growth >= 1:
+    raise ValueError(f"saferate: growth must be >= 1, got {growth!r}")
+  if not 0 < shrink < 1:
+    raise ValueError(f"saferate: shrink must be in (0, 1), got {shrink!r}")
+  inner = optax.with_extra_args_support(direction_tx)
+
+  def init_fn(params):
+    dtype = _float_dtype(params)
+    return SafeRateState(inner.init(params), jnp.asarray(init_max_lr, dtype), _empty_info(dtype))
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra):
+    if params is None:
+      raise ValueError("saferate: update needs params (the bound is taken at them)")
+    if value_fn is None:
+      raise ValueError("saferate: update needs value_fn=... (params -> scalar loss) as an "
+                       "extra argument, as optax.scale_by_backtracking_linesearch does")
+    direction, dstate = inner.update(updates, state.direction_state, params,
+                                     value_fn=value_fn, **extra)
+    t = state.max_step_size
+    eta, info = saferate_step(value_fn, params, direction, t)
+    grow = info.finite & (eta >= 0.5 * t)
+    new_t = jnp.where(grow, t * growth, t * shrink)
+    if min_max_lr is not None:
+      new_t = jnp.maximum(new_t, min_max_lr)
+    if max_max_lr is not None:
+      new_t = jnp.minimum(new_t, max_max_lr)
+    out = jax.tree_util.tree_map(lambda d: (eta * d).astype(d.dtype), direction)
+    return out, SafeRateState(dstate, new_t.astype(t.dtype), info)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adam_direction(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   eps_root: float = 0.0) -> optax.GradientTransformation:
+  """-m_hat / (sqrt(v_hat) + eps): Adam's update at learning rate 1 (Kingma & Ba 2015)."""
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+                     optax.scale(-1.0))
+
+
+def saferate_adam(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                  init_max_lr: float = 1.0, **saferate_kwargs) -> optax.GradientTransformationExtraArgs:
+  """SafeRate[Adam]: Adam's direction, SafeRate's step size (Streeter & Dillon 2022).
+
+  Args:
+    b1, b2, eps: Adam's moment decays and epsilon.
+    init_max_lr: the first trust region (in units of Adam's update at lr 1).
+    **saferate_kwargs: growth, shrink, min_max_lr, max_max_lr of `saferate`.
+  """
+  return saferate(adam_direction(b1=b1, b2=b2, eps=eps), init_max_lr=init_max_lr,
+                  **saferate_kwargs)
+
+
+def saferate_muon(*, init_max_lr: float = 1.0, muon_kwargs: Optional[dict] = None,
+                  **saferate_kwargs) -> optax.GradientTransformationExtraArgs:
+  """SafeRate[Muon]: the direction of `optax.contrib.muon` at learning rate 1.
+
+  optax's Muon orthogonalizes the momentum of 2-D weight matrices (Newton-Schulz) and
+  runs Adam on the other parameters; `muon_kwargs` (e.g. beta, ns_steps,
+  muon_weight_dimension_numbers for a custom partition) go to it unchanged.
+  """
+  kwargs = dict(muon_kwargs or {})
+  if "learning_rate" in kwargs:
+    raise ValueError("saferate_muon: the learning rate is SafeRate's eta; do not pass "
+                     f"learning_rate={kwargs['learning_rate']!r} in muon_kwargs")
+  direction = optax.contrib.muon(learning_rate=1.0, **kwargs)
+  return saferate(direction, init_max_lr=init_max_lr, **saferate_kwargs)
