@@ -150,7 +150,7 @@ class FeatureState(NamedTuple):
   """Accumulators behind the features; unused ones are empty tuples."""
   step: jax.Array        # int32 []
   num_steps: jax.Array   # float32 [] (inf when no horizon was given)
-  momenta: Any           # per leaf [*shape, K]
+  momenta: Any           # per leaf, a list of K arrays [*shape] (one per decay)
   nu: Any                # per leaf [*shape]
   rows: Any              # per leaf [prod(shape[:-1])] (matrices) or [] (others)
   cols: Any              # per leaf [shape[-1]] (matrices) or []
@@ -160,7 +160,7 @@ class FeatureState(NamedTuple):
 
 class Features(NamedTuple):
   """What the networks read, one entry per parameter leaf (flattened tree order)."""
-  per_param: list        # [*shape, F] float32, normalized per tensor
+  per_param: list        # per leaf, a list of F channels [*shape] (float32), normalized per tensor
   per_tensor: jax.Array  # [n_leaves, F] log RMS of each raw channel
   global_: jax.Array     # [G]
 
@@ -177,7 +177,7 @@ def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
   """Zero accumulators for `params`; `num_steps` as given to `LearnedOptimizer.init`."""
   leaves = jax.tree.leaves(params)
   k = len(spec.momentum_decays)
-  momenta = [_zeros(jnp.shape(p) + (k,)) for p in leaves] if spec.needs_momenta else ()
+  momenta = [[_zeros(jnp.shape(p)) for _ in range(k)] for p in leaves] if spec.needs_momenta else ()
   nu = [_zeros(jnp.shape(p)) for p in leaves] if spec.needs_nu else ()
   rows, cols = (), ()
   if "adafactor" in spec.features:
@@ -207,11 +207,14 @@ def _newton_schulz(x: jax.Array) -> jax.Array:
 
 
 def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
-  """Raw channels of one leaf, and its updated accumulators."""
+  """Raw channels of one leaf (a list of arrays shaped like it) and its accumulators.
+
+  Channels stay separate arrays (never stacked) so XLA fuses their computation,
+  normalization and the per-parameter network into few passes over memory.
+  """
   shape = g.shape
-  decays = jnp.asarray(spec.momentum_decays, jnp.float32)
   if spec.needs_momenta:
-    m = decays * m + (1.0 - decays) * g[..., None]
+    m = [b * mi + (1.0 - b) * g for b, mi in zip(spec.momentum_decays, m)]
   if spec.needs_nu:
     v = spec.rms_decay * v + (1.0 - spec.rms_decay) * jnp.square(g)
   chans = []
@@ -224,12 +227,12 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
     elif f == "param":
       chans.append(p)
     elif f == "momentum":
-      chans += [m[..., i] for i in range(m.shape[-1])]
+      chans += list(m)
     elif f == "rms":
       chans.append(jnp.sqrt(v))
     elif f == "adam":
       inv = jax.lax.rsqrt(v + TINY)
-      chans += [m[..., i] * inv for i in range(m.shape[-1])]
+      chans += [mi * inv for mi in m]
     elif f == "adafactor":
       if _is_matrix(shape):
         g2 = jnp.square(g).reshape(-1, shape[-1])
@@ -248,12 +251,12 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
         inv = jax.lax.rsqrt(v + TINY)
         chans += [g * inv, inv, inv]
     elif f == "muon":
-      mu = m[..., spec.muon_index]
+      mu = m[spec.muon_index]
       if _is_matrix(shape):
         chans.append(_newton_schulz(mu.reshape(-1, shape[-1])).reshape(shape))
       else:
         chans.append(mu)
-  return jnp.stack(chans, axis=-1), (m, v, r, c)
+  return chans, (m, v, r, c)
 
 
 def _global_features(spec: FeatureSpec, state: FeatureState, loss):
@@ -308,9 +311,9 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   per_param, scales, accs = [], [], []
   for i in range(n):
     raw, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], m[i], v[i], r[i], c[i])
-    axes = tuple(range(raw.ndim - 1))
-    ms = jnp.mean(jnp.square(raw), axis=axes) + TINY
-    per_param.append(raw * jax.lax.rsqrt(ms))
+    ms = jnp.stack([jnp.mean(jnp.square(x)) for x in raw]) + TINY
+    inv = jax.lax.rsqrt(ms)
+    per_param.append([x * inv[j] for j, x in enumerate(raw)])
     scales.append(0.5 * jnp.log(ms))
     accs.append(acc)
   glob, loss_ema, loss_first = _global_features(spec, state, loss)

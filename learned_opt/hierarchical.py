@@ -38,6 +38,29 @@ _init = jax.nn.initializers.lecun_normal()
 _TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
 
 
+def _tiny_mlp(chans, w1, b1, w2, b2):
+  """The per-parameter MLP written as scalar arithmetic over the channel arrays.
+
+  With a handful of inputs and hidden units, `[N, F] @ [F, H]` is a skinny matmul that
+  XLA's CPU backend runs far below its dense rate and that materializes [N, H] hidden
+  activations; as elementwise expressions XLA fuses features, network and update into
+  one loop that keeps the hidden units in registers.
+  """
+  hidden = []
+  for j in range(w1.shape[1]):
+    z = b1[j]
+    for k, x in enumerate(chans):
+      z = z + x * w1[k, j]
+    hidden.append(jax.nn.relu(z))
+  outs = []
+  for o in range(2):
+    z = b2[o]
+    for j, h in enumerate(hidden):
+      z = z + h * w2[j, o]
+    outs.append(z)
+  return outs[0], outs[1]
+
+
 class HierarchicalState(NamedTuple):
   """State of `HierarchicalLOpt`."""
   features: feats.FeatureState
@@ -183,9 +206,9 @@ class HierarchicalLOpt(LearnedOptimizer):
                       for p in p32] if self.mup else None)
       return cast_like(jax.tree.unflatten(treedef, updates), params), new_state
     updates = []
-    for i, (x, p) in enumerate(zip(f.per_param, p32)):
-      o = jax.nn.relu(x @ w1[i] + b1[i]) @ w2[i] + b2[i]
-      u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult, step_mult=step[i])
+    for i, (chans, p) in enumerate(zip(f.per_param, p32)):
+      d, s = _tiny_mlp(chans, w1[i], b1[i], w2[i], b2[i])
+      u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * p
       if self.mup:

@@ -115,7 +115,8 @@ class PerParamLSTM(LearnedOptimizer):
     out_bias = f.per_tensor @ head["w_tensor"] + glob @ head["w_global"] + head["b"]
     leaves, treedef = jax.tree.flatten(params)
     hs, cs, out = [], [], []
-    for i, (x, p, h, c) in enumerate(zip(f.per_param, leaves, state.h, state.c)):
+    for i, (chans, p, h, c) in enumerate(zip(f.per_param, leaves, state.h, state.c)):
+      x = jnp.stack(chans, axis=-1)  # [*shape, F]
       z = x @ cell["w_param"] + h @ cell["w_h"] + gate_bias[i]
       zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
       c = jax.nn.sigmoid(zf) * c + jax.nn.sigmoid(zi) * jnp.tanh(zg)

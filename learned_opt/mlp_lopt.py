@@ -126,7 +126,8 @@ class PerParamMLP(LearnedOptimizer):
                       for p in leaves] if self.mup else None)
       return cast_like(jax.tree.unflatten(treedef, out), params), PerParamMLPState(fstate)
     out = []
-    for i, (x, p) in enumerate(zip(f.per_param, leaves)):
+    for i, (chans, p) in enumerate(zip(f.per_param, leaves)):
+      x = jnp.stack(chans, axis=-1)  # [*shape, F]: one matmul per layer
       h = jax.nn.relu(x @ theta["w_param"] + bias[i])
       for layer in theta["hidden"]:
         h = jax.nn.relu(h @ layer["w"] + layer["b"])

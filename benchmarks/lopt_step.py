@@ -1,0 +1,160 @@
+"""Wall time of one training step with each learned optimizer vs optax Adam, and FLOP floors.
+
+One step = forward + backward + optimizer update, jitted, on a fixed batch. Models: a
+~1M-parameter MLP (784-1024-256-10, batch 128) and the project's small transformer LM
+(`TransformerLMFamily`, d=128, 2 layers, on synthetic text). All optimizers are timed
+in interleaved rounds in one run, so ratios compare like with like.
+
+FLOP floor of an optimizer = (model fwd+bwd FLOPs, counted by XLA's cost analysis of
+the gradient computation, + the optimizer network's FLOPs per parameter * #params) /
+this machine's dense-matmul rate (measured here, same run). `x floor` = measured step
+time / floor: how far the step is from running all its FLOPs at matmul speed.
+
+Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|transformer|all]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import learned_opt as lo
+from learned_opt import tasks
+from learned_opt.tasks import datasets
+
+
+def matmul_rate(n: int) -> float:
+  """Dense float32 matmul FLOP/s of this device (best of several n x n x n products)."""
+  a = jax.random.normal(jax.random.key(0), (n, n))
+  b = jax.random.normal(jax.random.key(1), (n, n))
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def network_flops_per_param(lopt) -> int:
+  """Multiply-adds (x2) of the optimizer's per-parameter network; 0 for Adam."""
+  if lopt is None:
+    return 0
+  f = len(lopt.spec.param_names())
+  if isinstance(lopt, lo.PerParamMLP):
+    sizes = (f,) + tuple(lopt.hidden_sizes) + (2,)
+    return 2 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+  if isinstance(lopt, lo.PerParamLSTM):
+    h = lopt.hidden_size
+    return 2 * (f * 4 * h + h * 4 * h + h * 2 + f * 2)
+  if isinstance(lopt, lo.HierarchicalLOpt):
+    return 2 * (f * lopt.per_param_hidden + lopt.per_param_hidden * 2)
+  raise ValueError(f"unknown optimizer {lopt!r}")
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(1024)(x))
+    x = nn.relu(nn.Dense(256)(x))
+    return nn.Dense(10)(x)
+
+
+def mlp_problem():
+  model = _MLP()
+  x = jax.random.normal(jax.random.key(0), (128, 784))
+  y = jax.random.randint(jax.random.key(1), (128,), 0, 10)
+  params = model.init(jax.random.key(2), x)["params"]
+  loss = lambda p, batch: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, batch[0]), batch[1]).mean()
+  return params, loss, (x, y)
+
+
+def transformer_problem():
+  family = tasks.TransformerLMFamily(datasets.text_dataset("synthetic", None), model_dim=128)
+  task = family.task()
+  params = task.init(jax.random.key(0))
+  batch = task.batch(jax.random.key(1))
+  return params, (lambda p, b: task.loss(p, jax.random.key(2), b)), batch
+
+
+def optimizers():
+  return {"adam": None, "per_param_mlp": lo.PerParamMLP(), "per_param_lstm": lo.PerParamLSTM(),
+          "hierarchical": lo.HierarchicalLOpt()}
+
+
+def make_step(loss_fn, lopt):
+  if lopt is None:
+    tx = optax.adam(1e-3)
+  else:
+    tx = lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(0)))
+
+  @jax.jit
+  def step(params, state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, loss=loss)
+    return optax.apply_updates(params, updates), state, loss
+
+  return tx, step
+
+
+def bench(name, problem, rate, rounds, iters):
+  params, loss_fn, batch = problem()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  model_flops = grad_fn.lower(params, batch).compile().cost_analysis()["flops"]
+  runs = {}
+  for opt_name, lopt in optimizers().items():
+    tx, step = make_step(loss_fn, lopt)
+    state = tx.init(params)
+    p, state, _ = step(params, state, batch)  # compile
+    jax.block_until_ready(p)
+    runs[opt_name] = [step, p, state, []]
+  for _ in range(rounds):  # interleaved: every optimizer sees the same machine load
+    for opt_name, run in runs.items():
+      step, p, state, times = run
+      t = time.perf_counter()
+      for _ in range(iters):
+        p, state, loss = step(p, state, batch)
+      jax.block_until_ready(p)
+      times.append((time.perf_counter() - t) / iters)
+      run[1], run[2] = p, state
+  adam = statistics.median(runs["adam"][3])
+  print(f"\n{name}: {n_params / 1e6:.2f}M params, model fwd+bwd {model_flops / 1e9:.2f} GFLOP/step")
+  print(f"{'optimizer':<16}{'ms/step':>9}{'x Adam':>8}{'net FLOP/param':>16}{'floor ms':>10}{'x floor':>9}")
+  rows = []
+  for opt_name, lopt in optimizers().items():
+    t = statistics.median(runs[opt_name][3])
+    per_param = network_flops_per_param(lopt)
+    floor = (model_flops + per_param * n_params) / rate
+    print(f"{opt_name:<16}{1e3 * t:>9.2f}{t / adam:>8.2f}{per_param:>16d}{1e3 * floor:>10.2f}{t / floor:>9.2f}")
+    rows.append((opt_name, t, t / adam, floor, t / floor))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--model", choices=("mlp", "transformer", "all"), default="all")
+  parser.add_argument("--matmul-n", type=int, default=0, help="0: 1024 on CPU, 4096 on GPU")
+  args = parser.parse_args()
+  n = args.matmul_n or (1024 if jax.default_backend() == "cpu" else 4096)
+  rate = matmul_rate(n)
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
+        f"dense f32 matmul {n}^3: {rate / 1e9:.1f} GFLOP/s")
+  if args.model in ("mlp", "all"):
+    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters)
+  if args.model in ("transformer", "all"):
+    bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)", transformer_problem, rate,
+          args.rounds, args.iters)
+
+
+if __name__ == "__main__":
+  main()
