@@ -28,20 +28,24 @@ channel order and is recorded in checkpoint headers):
   "muon"          the momentum closest to decay 0.95, orthogonalized by 5 Newton-Schulz
                   steps (Jordan et al. 2024); >2-D tensors are viewed as
                   [prod(shape[:-1]), shape[-1]]; vectors and scalars use the momentum
+  "saferate"      the SafeRate step `eta * d` along the Adam direction d = -m / sqrt(v)
+                  (momentum closest to decay 0.9), eta certified by Taylor enclosures of
+                  the loss (`learned_opt.baselines.saferate_step`, trust region
+                  SAFERATE_MAX_LR); needs `update(..., value_fn=...)` and costs a Taylor-
+                  mode pass of the loss, hence off by default. eta reaches the network
+                  through the channel's per-tensor log RMS.
 
 and global groups: "step_embed" (tanh(t / s - 1) for timescales s; needs no horizon),
 "train_frac" (t / num_steps and tanh bumps around it; needs `num_steps`; past the
 horizon the fraction stays at 1), "loss" (the current loss relative to EMAs of it at
 `loss_decays` and EMAs relative to the first loss, clipped to [-5, 5]; needs `loss`).
 
-The SafeRate step feature (a step size certified by Taylor enclosures of the loss, from
-`learned_opt.baselines`) is not wired yet: the baselines issue has not landed it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +57,8 @@ try:  # optax exposes this only from its contrib/_muon module (no public alias i
 except ImportError:  # pragma: no cover - depends on the optax version
   _optax_orthogonalize = None
 
-PARAM_GROUPS = ("grad", "clipped_grad", "param", "momentum", "rms", "adam", "adafactor", "muon")
+PARAM_GROUPS = ("grad", "clipped_grad", "param", "momentum", "rms", "adam", "adafactor", "muon",
+                "saferate")
 GLOBAL_GROUPS = ("step_embed", "train_frac", "loss")
 STEP_TIMESCALES = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 FRAC_CENTERS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -63,6 +68,7 @@ NS_STEPS = 5
 # Added under square roots: keeps 0/0 at 0 and is far below any meaningful RMS.
 TINY = 1e-30
 CLIP = 3.0
+SAFERATE_MAX_LR = 1.0
 LOSS_FEATURE_CLIP = 5.0
 
 
@@ -79,9 +85,6 @@ class FeatureSpec:
       raise ValueError(f"features must be a tuple of names, got {self.features!r}")
     known = PARAM_GROUPS + GLOBAL_GROUPS
     for name in self.features:
-      if name == "saferate":
-        raise ValueError("feature 'saferate' is not available yet: it needs "
-                         "learned_opt.baselines.saferate_step (baselines issue)")
       if name not in known:
         raise ValueError(f"unknown feature {name!r}; expected one of {known}")
     if len(set(self.features)) != len(self.features):
@@ -100,11 +103,11 @@ class FeatureSpec:
 
   @property
   def needs_momenta(self) -> bool:
-    return bool({"momentum", "adam", "muon"} & set(self.features))
+    return bool({"momentum", "adam", "muon", "saferate"} & set(self.features))
 
   @property
   def needs_nu(self) -> bool:
-    return bool({"rms", "adam", "adafactor"} & set(self.features))
+    return bool({"rms", "adam", "adafactor", "saferate"} & set(self.features))
 
   @property
   def needs_horizon(self) -> bool:
@@ -114,6 +117,11 @@ class FeatureSpec:
   def muon_index(self) -> int:
     return min(range(len(self.momentum_decays)),
                key=lambda i: abs(self.momentum_decays[i] - 0.95))
+
+  @property
+  def saferate_index(self) -> int:
+    return min(range(len(self.momentum_decays)),
+               key=lambda i: abs(self.momentum_decays[i] - 0.9))
 
   def param_names(self) -> tuple[str, ...]:
     """Names of the per-parameter channels in order."""
@@ -250,6 +258,8 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
       else:
         inv = jax.lax.rsqrt(v + TINY)
         chans += [g * inv, inv, inv]
+    elif f == "saferate":
+      chans.append(None)  # filled by `compute`: it needs every tensor's direction at once
     elif f == "muon":
       mu = m[spec.muon_index]
       if _is_matrix(shape):
@@ -285,8 +295,23 @@ def _global_features(spec: FeatureSpec, state: FeatureState, loss):
   return g, loss_ema, loss_first
 
 
+def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
+  """Per leaf, the SafeRate step eta * d along d = -m / sqrt(v)."""
+  if value_fn is None:
+    raise ValueError("the 'saferate' feature needs the loss as a function of the params: "
+                     "pass update(..., value_fn=params -> loss)")
+  from learned_opt.baselines import saferate_step  # local: baselines may import us later
+  direction = [-m[spec.saferate_index] * jax.lax.rsqrt(v + TINY) for m, v, _, _ in accs]
+  leaves, treedef = jax.tree.flatten(params)
+  direction_tree = jax.tree.unflatten(
+      treedef, [d.astype(jnp.asarray(p).dtype) for d, p in zip(direction, leaves)])
+  eta, _ = saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
+  return [jnp.asarray(eta, jnp.float32) * d for d in direction]
+
+
 def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
-            loss: Optional[jax.Array] = None) -> tuple[Features, FeatureState]:
+            loss: Optional[jax.Array] = None,
+            value_fn: Optional[Callable] = None) -> tuple[Features, FeatureState]:
   """Features for one optimizer step and the advanced accumulators.
 
   Args:
@@ -295,6 +320,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
     params: parameter pytree with the same structure.
     state: accumulators from `init_state` or a previous call.
     loss: scalar training loss at `params`; required by the "loss" feature.
+    value_fn: params -> scalar loss; required by the "saferate" feature.
 
   Returns:
     `(Features, new_state)`; `Features.per_param[i]` belongs to `jax.tree.leaves(params)[i]`.
@@ -308,14 +334,20 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   v = state.nu if spec.needs_nu else [None] * n
   r = state.rows if "adafactor" in spec.features else [None] * n
   c = state.cols if "adafactor" in spec.features else [None] * n
-  per_param, scales, accs = [], [], []
+  raws, accs = [], []
   for i in range(n):
     raw, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], m[i], v[i], r[i], c[i])
+    raws.append(raw)
+    accs.append(acc)
+  if "saferate" in spec.features:
+    safe = _saferate_channels(spec, params, accs, value_fn)
+    raws = [[safe[i] if x is None else x for x in raw] for i, raw in enumerate(raws)]
+  per_param, scales = [], []
+  for raw in raws:
     ms = jnp.stack([jnp.mean(jnp.square(x)) for x in raw]) + TINY
     inv = jax.lax.rsqrt(ms)
     per_param.append([x * inv[j] for j, x in enumerate(raw)])
     scales.append(0.5 * jnp.log(ms))
-    accs.append(acc)
   glob, loss_ema, loss_first = _global_features(spec, state, loss)
   pick = lambda j, used: [a[j] for a in accs] if used else ()
   new_state = FeatureState(

@@ -170,8 +170,9 @@ class HierarchicalLOpt(LearnedOptimizer):
                              jnp.zeros((self.tensor_hidden,), jnp.float32))
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
-    del key, value_fn
-    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss)
+    del key
+    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
+                              value_fn=value_fn)
     leaves, treedef = jax.tree.flatten(params)
     n = len(leaves)
     p32 = [jnp.asarray(p, jnp.float32) for p in leaves]

@@ -107,8 +107,9 @@ class PerParamLSTM(LearnedOptimizer):
                              [jnp.zeros_like(z) for z in zeros])
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
-    del key, value_fn
-    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss)
+    del key
+    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
+                              value_fn=value_fn)
     cell, head = meta_params["cell"], meta_params["out"]
     glob = f.global_ if f.global_.shape[0] else jnp.zeros((1,))
     gate_bias = f.per_tensor @ cell["w_tensor"] + glob @ cell["w_global"] + cell["b"]

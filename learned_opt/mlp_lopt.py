@@ -108,8 +108,9 @@ class PerParamMLP(LearnedOptimizer):
     return PerParamMLPState(feats.init_state(self.spec, params, num_steps))
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
-    del key, value_fn
-    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss)
+    del key
+    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
+                              value_fn=value_fn)
     theta = meta_params
     glob = f.global_ if f.global_.shape[0] else jnp.zeros((1,))
     # [n_leaves, H1]: everything a tensor's coordinates share, folded into one bias.

@@ -109,11 +109,29 @@ def test_loss_features_are_relative_and_clipped():
 
 
 def test_bad_feature_selection_is_named():
-  with pytest.raises(ValueError, match="saferate"):
-    F.FeatureSpec(("grad", "saferate"))
   with pytest.raises(ValueError, match="repeat"):
     F.FeatureSpec(("grad", "grad"))
   with pytest.raises(ValueError, match="per-parameter group"):
     F.FeatureSpec(("loss",))
   with pytest.raises(ValueError, match="tuple of names"):
     F.FeatureSpec("grad")
+
+
+def test_saferate_channel_carries_the_certified_step():
+  from learned_opt.baselines import saferate_step
+  spec = F.FeatureSpec(("adam", "saferate"), momentum_decays=(0.9,))
+  params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.3, -0.1])}
+  value_fn = lambda p: sum(jnp.sum(jnp.tanh(x) + x ** 2) for x in jax.tree.leaves(p))
+  grads = jax.grad(value_fn)(params)
+  with pytest.raises(ValueError, match="value_fn"):
+    F.compute(spec, grads, params, F.init_state(spec, params, None))
+  f, _ = jax.jit(lambda g: F.compute(spec, g, params, F.init_state(spec, params, None),
+                                     value_fn=value_fn))(grads)
+  # After one step m = 0.1 g and v = 0.001 g^2, so d = -m / sqrt(v) = -sqrt(10) sign(g).
+  d = jax.tree.map(lambda g: -0.1 * g / jnp.sqrt(1e-3 * g ** 2), grads)
+  eta, _ = saferate_step(value_fn, params, d, F.SAFERATE_MAX_LR)
+  assert 0.0 < float(eta) < F.SAFERATE_MAX_LR
+  names = spec.tensor_names()
+  log_eta = (f.per_tensor[:, names.index("log_rms/saferate")]
+             - f.per_tensor[:, names.index("log_rms/adam@0.9")])
+  np.testing.assert_allclose(log_eta, jnp.log(eta) * jnp.ones(2), rtol=1e-4)

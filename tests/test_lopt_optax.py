@@ -90,3 +90,16 @@ def test_key_defaults_are_reproducible_and_errors_are_clear():
     lo.to_optax(needs_horizon, needs_horizon.init_meta_params(jax.random.key(0))).init(params)
   with pytest.raises(ValueError, match="num_steps must be a positive"):
     lo.to_optax(needs_horizon, needs_horizon.init_meta_params(jax.random.key(0)), num_steps=0).init(params)
+
+
+def test_saferate_feature_gets_value_fn_through_chain():
+  lopt = lo.HierarchicalLOpt(features=("grad", "adam", "saferate"))
+  tx = optax.chain(optax.clip_by_global_norm(10.0),
+                   lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(0))))
+  params = {"w": jnp.full((3, 2), 2.0, jnp.float32)}
+  state = tx.init(params)
+  updates, _ = jax.jit(lambda p, s: tx.update(jax.grad(_quadratic)(p), s, p, value_fn=_quadratic))(
+      params, state)
+  assert bool(jnp.all(jnp.isfinite(updates["w"]))) and float(jnp.abs(updates["w"]).max()) > 0
+  with pytest.raises(ValueError, match="value_fn"):
+    tx.update(jax.grad(_quadratic)(params), state, params)
