@@ -104,12 +104,36 @@ def stack_problem(big: bool):
   return params, loss, (x, y), f"{depth} blocks d={dim}, {batch}x{tokens} tokens"
 
 
+ONLY = None  # --opts: names of the optimizers to time (None: all)
+
+
 def optimizers(fused_ok: bool):
   out = {"adam": None, "mlp_xla": lo.PerParamMLP(fused="xla"),
          "hier_xla": lo.HierarchicalLOpt(fused="xla")}
   if fused_ok:
     out["mlp_fused"] = lo.PerParamMLP(fused="pallas")
     out["hier_fused"] = lo.HierarchicalLOpt(fused="pallas")
+  return {k: v for k, v in out.items() if ONLY is None or k in ONLY or k == "adam"}
+
+
+def features_ms(params, grads, iters, rounds) -> dict:
+  """The XLA part every path shares: features.compute (state advance + per-tensor stats)."""
+  from learned_opt import features as feats
+  out = {}
+  for name, lopt in (("mlp", lo.PerParamMLP()), ("hier", lo.HierarchicalLOpt())):
+    spec = lopt.spec
+    st = jax.tree.map(jnp.copy, feats.init_state(spec, params, 1000))
+    fn = jax.jit(lambda s, g: (lambda f, s2: (f.per_tensor, s2))(
+        *feats.compute(spec, g, params, s, loss=jnp.float32(1.0))), donate_argnums=(0,))
+    st = fn(st, grads)[1]
+    ts = []
+    for _ in range(rounds):
+      t = time.perf_counter()
+      for _ in range(iters):
+        st = fn(st, grads)[1]
+      jax.block_until_ready(st)
+      ts.append((time.perf_counter() - t) / iters)
+    out[name] = 1e3 * statistics.median(ts)
   return out
 
 
@@ -120,8 +144,17 @@ def make_tx(lopt):
 
 
 def agreement(fused_ok: bool) -> dict:
+  """Max relative difference fused vs XLA at default (TF32) and highest matmul precision."""
   if not fused_ok:
     return {}
+  out = {}
+  for prec in ("default", "highest"):
+    with jax.default_matmul_precision(prec):
+      out.update({f"{k}_{prec}": v for k, v in _agreement().items()})
+  return out
+
+
+def _agreement() -> dict:
   params, loss_fn, batch, _ = stack_problem(False)
   grads = jax.grad(loss_fn)(params, *batch)
   out = {}
@@ -147,6 +180,11 @@ def train_step(big: bool, fused_ok: bool, iters: int, rounds: int) -> dict:
   res = {"model": desc, "params": int(n_params)}
   res["fwd_bwd_ms"] = 1e3 * _time(grad_fn, params, *batch, iters=iters, rounds=rounds)
   grads = grad_fn(params, *batch)[1]
+  try:
+    res["features_compute_ms"] = features_ms(params, grads, iters, rounds)
+    print("features.compute alone (ms):", res["features_compute_ms"], flush=True)
+  except Exception as e:
+    res["features_compute_ms"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
   for name, lopt in optimizers(fused_ok).items():
     try:
       tx = make_tx(lopt)
@@ -163,7 +201,9 @@ def train_step(big: bool, fused_ok: bool, iters: int, rounds: int) -> dict:
       step = jax.jit(step, donate_argnums=(0, 1))
       update = jax.jit(update, donate_argnums=(0, 1))
       p = jax.tree.map(jnp.copy, params)
-      s = tx.init(p)
+      # Copies: an init may hand one zeros array to two state slots, and donating a
+      # buffer twice is an error.
+      s = jax.tree.map(jnp.copy, tx.init(p))
       t0 = time.perf_counter()
       p, s = step(p, s, *batch)
       jax.block_until_ready(p)
@@ -290,9 +330,12 @@ def main():
   parser.add_argument("--json", default="")
   parser.add_argument("--sections", default="ceilings,agree,step,meta")
   parser.add_argument("--pops", default="")
+  parser.add_argument("--opts", default="", help="comma list, e.g. mlp_fused,hier_fused")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
+  global ONLY
+  ONLY = set(args.opts.split(",")) if args.opts else None
   backend = jax.default_backend()
   if args.gpu and backend != "gpu":
     raise SystemExit(f"--gpu needs a GPU, but jax.default_backend() is {backend!r}")

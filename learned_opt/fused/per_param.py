@@ -18,6 +18,7 @@ from learned_opt.base import sanitize
 from learned_opt.fused import kernel as fk
 
 MODES = ("auto", "xla", "pallas", "interpret")
+_EXACT = ("highest", "float32", "Precision.HIGHEST")
 
 
 def select(mode: str) -> Optional[bool]:
@@ -96,6 +97,9 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
   """
   g_leaves, p_leaves = jax.tree.leaves(grads), jax.tree.leaves(params)
   n = len(p_leaves)
+  if precision is None and str(jax.config.jax_default_matmul_precision) in _EXACT:
+    # Follow `jax.default_matmul_precision("highest")` as XLA's dots do (else TF32 on GPU).
+    precision = jax.lax.Precision.HIGHEST
   chans = channels(spec)
   is_side = jnp.asarray([c.kind == "side" for c in chans])
   side_cols = [j for j, c in enumerate(chans) if c.kind == "side"]
