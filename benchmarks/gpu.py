@@ -123,14 +123,14 @@ def features_ms(params, grads, iters, rounds) -> dict:
   for name, lopt in (("mlp", lo.PerParamMLP()), ("hier", lo.HierarchicalLOpt())):
     spec = lopt.spec
     st = jax.tree.map(jnp.copy, feats.init_state(spec, params, 1000))
-    fn = jax.jit(lambda s, g: (lambda f, s2: (f.per_tensor, s2))(
-        *feats.compute(spec, g, params, s, loss=jnp.float32(1.0))), donate_argnums=(0,))
-    st = fn(st, grads)[1]
+    fn = jax.jit(lambda s, g, p, spec=spec: (lambda f, s2: (f.per_tensor, s2))(
+        *feats.compute(spec, g, p, s, loss=jnp.float32(1.0))), donate_argnums=(0,))
+    st = fn(st, grads, params)[1]
     ts = []
     for _ in range(rounds):
       t = time.perf_counter()
       for _ in range(iters):
-        st = fn(st, grads)[1]
+        st = fn(st, grads, params)[1]
       jax.block_until_ready(st)
       ts.append((time.perf_counter() - t) / iters)
     out[name] = 1e3 * statistics.median(ts)

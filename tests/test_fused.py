@@ -40,11 +40,15 @@ def _assert_close(a, b):
     assert np.max(np.abs(x - y)) <= 1e-5 * scale, (np.max(np.abs(x - y)), scale)
 
 
+# Interpret mode is slow on a shared 2-core machine: the default config runs in the
+# default suite, the others in the slow set.
 @pytest.mark.parametrize("config", [
     dict(),  # default features (adafactor as side channels), hidden (32, 32)
-    dict(features=("grad", "clipped_grad", "momentum", "adam", "muon", "train_frac", "loss"),
-         hidden_sizes=(8,), weight_decay=0.1, mup=True),
-    dict(features=("grad", "param", "rms"), hidden_sizes=(16, 4, 32)),
+    pytest.param(dict(features=("grad", "clipped_grad", "momentum", "adam", "muon",
+                                "train_frac", "loss"),
+                      hidden_sizes=(8,), weight_decay=0.1, mup=True), marks=pytest.mark.slow),
+    pytest.param(dict(features=("grad", "param", "rms"), hidden_sizes=(16, 4, 32)),
+                 marks=pytest.mark.slow),
 ])
 def test_per_param_mlp_matches_xla(config):
   params, grads = _problem(0)
@@ -54,6 +58,7 @@ def test_per_param_mlp_matches_xla(config):
   _assert_close(got[1], ref[1])  # same state: the kernel only reads it
 
 
+@pytest.mark.slow
 def test_bfloat16_params_keep_dtype():
   params, grads = _problem(1, jnp.bfloat16)
   ref = _two_steps(lo.PerParamMLP(fused="xla"), params, grads)
@@ -74,7 +79,9 @@ def test_nonfinite_gradients_are_sanitized_like_xla():
   _assert_close(got[0], ref[0])
 
 
-@pytest.mark.parametrize("config", [dict(), dict(weight_decay=0.1, mup=True, per_param_hidden=3)])
+@pytest.mark.parametrize("config", [
+    dict(), pytest.param(dict(weight_decay=0.1, mup=True, per_param_hidden=3),
+                         marks=pytest.mark.slow)])
 def test_hierarchical_matches_xla(config):
   """Per-tensor MLP weights (the mixed bank), hidden width below tl.dot's minimum."""
   params, grads = _problem(3)
