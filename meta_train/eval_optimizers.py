@@ -77,7 +77,9 @@ def _saferate_module():
 
 def _saferate_adam(lr, aux, num_steps):
   del lr, aux, num_steps
-  return _saferate_module()(optax.scale_by_adam())
+  # The wrapped direction is signed like an update (as a learned optimizer's output is),
+  # so Adam's direction is -m/sqrt(v); SafeRate chooses how far to go along it.
+  return _saferate_module()(optax.chain(optax.scale_by_adam(), optax.scale(-1.0)))
 
 
 def _learned(lr, aux, num_steps):

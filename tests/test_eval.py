@@ -174,3 +174,37 @@ def test_ship_writes_provenance_header(tmp_path):
   assert info["code_version"].startswith(lo.__version__)
   lopt2, _, _ = lo.load(dest)  # still a valid checkpoint
   assert lopt2 == lopt
+
+
+def _backtracking_safeguard(direction):
+  """Stand-in for SafeRate in the plumbing test: the largest of 1, 1/2, ..., 2^-20 times
+  the direction that does not increase value_fn (else no step)."""
+  direction = optax.with_extra_args_support(direction)
+
+  def update(g, state, params, *, value_fn, **extra):
+    u, state = direction.update(g, state, params, value_fn=value_fn, **extra)
+    scales = 2.0 ** -jnp.arange(21.0)
+    step = lambda a: optax.apply_updates(params, jax.tree.map(lambda x: a * x, u))
+    ok = jax.vmap(lambda a: value_fn(step(a)))(scales) <= value_fn(params)
+    a = jnp.where(ok.any(), scales[jnp.argmax(ok)], 0.0)
+    return jax.tree.map(lambda x: a * x, u), state
+  return optax.GradientTransformationExtraArgs(direction.init, update)
+
+
+def test_safeguarded_candidates_are_monotone_on_full_batch(tmp_path, monkeypatch):
+  monkeypatch.setattr(eval_optimizers, "_saferate_module", lambda: _backtracking_safeguard)
+  lopt = lo.PerParamMLP(hidden_sizes=(4,), step_mult=1.0)  # huge steps: the plain one blows up
+  path = str(tmp_path / "big.lopt")
+  lo.save(path, lopt, lopt.init_meta_params(jax.random.key(0)))
+  suite = {"q": SuiteTask("q", lambda d: eval_suites.RescaledParamsFamily(
+      tasks.QuadraticFamily(dim=4), 1e-2), 40, "offline", "rescaled quadratic", full_batch=True)}
+  res = evaluation.evaluate_suite(suite, ["adam", path, "saferate+" + path, "saferate"],
+                                  out_dir=str(tmp_path / "run"), seeds=2, lr_grid=(1e-3, 1e-2),
+                                  progress=False)
+  opts = res["tasks"]["q"]["optimizers"]
+  assert not opts["big"]["monotone"]
+  for name in ("saferate+big", "saferate"):
+    assert opts[name]["monotone"] and opts[name]["max_relative_increase"] <= M.MONOTONE_RTOL
+    assert not opts[name]["diverged"]
+  # With a descent direction (Adam's), the safeguarded run makes progress.
+  assert opts["saferate"]["final_train_loss"] < 0.9 * opts["saferate"]["initial_loss"]
