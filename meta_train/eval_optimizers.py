@@ -19,11 +19,12 @@ import os
 import pathlib
 from typing import Any, Callable, NamedTuple
 
-import numpy as np
 import optax
 
-# 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1.
-DEFAULT_LR_GRID: tuple[float, ...] = tuple(float(x) for x in 10.0 ** np.arange(-4.0, -0.99, 0.5))
+from learned_opt.baselines.tuning import DEFAULT_GRID
+
+# 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
+DEFAULT_LR_GRID: tuple[float, ...] = DEFAULT_GRID
 BASELINES = ("adam", "muon", "saferate")
 SAFERATE_PREFIX = "saferate+"
 
@@ -57,12 +58,7 @@ def _adam(lr, aux, num_steps):
 
 def _muon(lr, aux, num_steps):
   del aux, num_steps
-  try:  # the project's Adam/Muon partition, once the baselines module provides it
-    from learned_opt.baselines import muon
-  except ImportError:
-    # optax's Muon orthogonalizes 2-D weights and runs Adam (same learning rate) on the
-    # rest, which is the partition we want.
-    muon = optax.contrib.muon
+  from learned_opt.baselines.adam_muon import muon  # hidden weights Muon, the rest Adam
   return muon(lr)
 
 
@@ -77,9 +73,10 @@ def _saferate_module():
 
 def _saferate_adam(lr, aux, num_steps):
   del lr, aux, num_steps
+  from learned_opt.baselines import adam_direction
   # The wrapped direction is signed like an update (as a learned optimizer's output is),
   # so Adam's direction is -m/sqrt(v); SafeRate chooses how far to go along it.
-  return _saferate_module()(optax.chain(optax.scale_by_adam(), optax.scale(-1.0)))
+  return _saferate_module()(adam_direction())
 
 
 def _learned(lr, aux, num_steps):
@@ -134,10 +131,10 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
   if name == "adam":
     return Candidate("adam", _adam, tuple(lr_grid), None, "tuned", "adam")
   if name == "muon":
-    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned", "muon")
+    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned", "muon:hidden-weights")
   if name == "saferate":
     _saferate_module()
-    return Candidate("saferate", _saferate_adam, fingerprint="saferate")
+    return Candidate("saferate", _saferate_adam, fingerprint="saferate:adam")
   if name.startswith(SAFERATE_PREFIX):
     _saferate_module()
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])

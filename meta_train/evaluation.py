@@ -47,9 +47,11 @@ def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_s
 
   The loop is `learned_opt.tasks.train`'s (same key splits, hence the same
   initialization and batches per key, and the same `loss`/`value_fn`/`key` extra
-  arguments), written again here because `tasks.train` takes the optimizer as a static
-  argument: a learning-rate grid would compile once per value, while here the value is
-  traced and the grid is vmapped into one compilation.
+  arguments). `tasks.train` takes the optimizer as a static argument (a grid would
+  compile once per value), and `baselines.tune_learning_rate` runs one seed and
+  returns training losses only; evaluation needs every seed's final train and test
+  losses, for learned optimizers too, hence this loop: the value is traced, and the
+  grid and the seeds are vmapped into one compilation.
 
   Args:
     task: a `Task`.
