@@ -298,6 +298,11 @@ class RayMetaTrainer:
     """Inner steps (tasks x 2 signs x K) run per outer step when every shard reports."""
     return self.accumulate * sum(2 * e.num_tasks * e.unroll_length for e in self.estimators)
 
+  def set_policy(self, *, quorum: float = 1.0, timeout_s: float | None = None,
+                 max_staleness: int = 0) -> None:
+    """Changes the straggler/staleness policy between steps (see the class Args)."""
+    self.scheduler.set_policy(quorum=quorum, timeout_s=timeout_s, max_staleness=max_staleness)
+
   def init(self, seed: int, meta_params: Any | None = None) -> tuple[outer.LearnerState, RayPools]:
     """Learner state for run seed `seed` (theta as `MetaTrainer.init`) and a pools
     handle; workers initialize their shards with theta in the first step."""

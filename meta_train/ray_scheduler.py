@@ -56,7 +56,11 @@ class _Slot:
   initialized: bool = False
   ref: Any = None           # the call in flight (at most one)
   ref_version: int = -1
+  ref_init: bool = False    # the call in flight initializes the pools first
   done_version: int = -1    # newest version whose result came back in this epoch
+  recovering: bool = False  # lost, and no call has succeeded since
+  retry_at: float = 0.0     # monotonic time before which it is not sent work
+  backoff_s: float = 0.0
 
 
 class Scheduler:
@@ -73,26 +77,32 @@ class Scheduler:
   def __init__(self, make_actor: Callable[[list], Any], assignment: Sequence[list], *,
                num_units: int, accumulate: int, quorum: float, timeout_s: float | None,
                max_staleness: int, max_failures: int, log: logging.Logger):
+    self.num_units = num_units
+    self.accumulate = accumulate
+    self.set_policy(quorum=quorum, timeout_s=timeout_s, max_staleness=max_staleness)
+    self.slots = [_Slot(i, list(shards), make_actor(list(shards))) for i, shards in enumerate(assignment)]
+    self.max_failures = max_failures
+    self.failures = 0
+    self.log = log
+    self._applied: set = set()
+
+  def set_policy(self, *, quorum: float, timeout_s: float | None, max_staleness: int) -> None:
+    """Sets the straggler and staleness policy (takes effect at the next step)."""
     if not (isinstance(quorum, (int, float)) and 0.0 < quorum <= 1.0):
       raise ValueError(f"quorum must be in (0, 1], got {quorum!r}")
     if timeout_s is not None and not timeout_s >= 0:
       raise ValueError(f"timeout_s must be >= 0 or None, got {timeout_s!r}")
     if not isinstance(max_staleness, int) or max_staleness < 0:
       raise ValueError(f"max_staleness must be an int >= 0 (0: synchronous), got {max_staleness!r}")
-    self.slots = [_Slot(i, list(shards), make_actor(list(shards))) for i, shards in enumerate(assignment)]
-    self.num_units = num_units
-    self.required = max(1, math.ceil(quorum * num_units - 1e-9))
-    self.accumulate = accumulate
+    self.required = max(1, math.ceil(quorum * self.num_units - 1e-9))
     self.timeout_s = timeout_s
     self.max_staleness = max_staleness
-    self.max_failures = max_failures
-    self.failures = 0
-    self.log = log
-    self._applied: set = set()
 
   # ---- one outer step ------------------------------------------------------------------
   def reset(self) -> None:
-    """Forgets every worker's pools: the next call re-initializes them."""
+    """Starts a new run: forgets every worker's pools (the next call re-initializes them)
+    and which estimates were applied."""
+    self._applied = set()
     for slot in self.slots:
       slot.epoch += 1
       slot.initialized = False
@@ -117,12 +127,17 @@ class Scheduler:
       if enough and (not running_current or (self.timeout_s is not None and elapsed >= self.timeout_s)):
         break
       refs = [s.ref for s in self.slots if s.ref is not None]
-      if not refs:
-        raise RuntimeError(f"step {version}: no worker call in flight and only {len(accepted)} of "
-                           f"the {self.required} estimates needed; this is a scheduler bug")
-      wait = _POLL_S
+      waits = [_POLL_S]
       if enough and self.timeout_s is not None:
-        wait = max(0.0, self.timeout_s - elapsed)
+        waits.append(max(0.0, self.timeout_s - elapsed))
+      # Workers backing off while Ray restarts them get their retry when it is due.
+      waits += [max(0.0, s.retry_at - time.monotonic()) for s in self.slots
+                if s.ref is None and s.done_version < version]
+      wait = min(waits)
+      if not refs:
+        time.sleep(wait)
+        self._dispatch_idle(theta_ref, seed, version, stats)
+        continue
       ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
       if ready:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -149,10 +164,11 @@ class Scheduler:
     return accepted, stats
 
   def _dispatch_idle(self, theta_ref, seed, version, stats) -> None:
+    now = time.monotonic()
     for slot in self.slots:
-      if slot.ref is None and slot.done_version < version:
+      if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         init = not slot.initialized
-        stats["pool_inits"] += int(init)
+        slot.ref_init = init
         slot.ref = slot.actor.run.remote(theta_ref, epoch=slot.epoch, seed=seed, version=version,
                                          accumulate=self.accumulate, init=init)
         slot.ref_version = version
@@ -164,9 +180,9 @@ class Scheduler:
     try:
       result = ray.get(ref)
     except _ACTOR_LOST as e:
-      self._lost(slot, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-      stats["worker_failures"] += 1
+      stats["worker_failures"] += self._lost(slot, e)
       return
+    slot.recovering, slot.backoff_s = False, 0.0
     if result["status"] == "uninitialized" or result["epoch"] != slot.epoch:
       # A restarted actor, or a result of pools the learner has since replaced.
       if result["status"] == "uninitialized":
@@ -174,6 +190,7 @@ class Scheduler:
         slot.epoch += 1
         slot.initialized = False
       return
+    stats["pool_inits"] += int(slot.ref_init)
     slot.done_version = max(slot.done_version, result["version"])
     if version - result["version"] > self.max_staleness:
       stats["units_dropped_stale"] += len(result["units"])
@@ -185,16 +202,25 @@ class Scheduler:
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
 
-  def _lost(self, slot: _Slot, why: str) -> None:
+  def _lost(self, slot: _Slot, error: Exception) -> int:
+    """Marks the worker's pools lost and backs off its next call; returns 1 for a new
+    failure, 0 for a call refused while Ray is still restarting the actor."""
+    slot.epoch += 1
+    slot.initialized = False
+    slot.done_version = -1
+    slot.backoff_s = min(2.0, max(0.1, 2 * slot.backoff_s))
+    slot.retry_at = time.monotonic() + slot.backoff_s
+    if slot.recovering and isinstance(error, ray.exceptions.ActorUnavailableError):
+      return 0
+    slot.recovering = True
     self.failures += 1
+    why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     self.log.warning("worker %d lost (%s); Ray restarts it and its pools are re-initialized "
                      "(failure %d of at most %d)", slot.index, why, self.failures, self.max_failures)
     if self.failures > self.max_failures:
       raise RuntimeError(f"{self.failures} worker failures exceed max_failures={self.max_failures}; "
                          "see the log of lopt.ray for their causes")
-    slot.epoch += 1
-    slot.initialized = False
-    slot.done_version = -1
+    return 1
 
   # ---- whole-pool calls (checkpoints) -----------------------------------------------------
   def _call_all(self, call: Callable[[_Slot], Any]) -> dict:
@@ -207,9 +233,12 @@ class Scheduler:
       for slot in todo:
         try:
           results[slot.index] = ray.get(refs[slot.index])
+          slot.recovering, slot.backoff_s = False, 0.0
         except _ACTOR_LOST as e:
-          self._lost(slot, f"{type(e).__name__} during a pool transfer")
+          self._lost(slot, e)
           again.append(slot)
+      if again:
+        time.sleep(max(0.0, max(s.retry_at for s in again) - time.monotonic()))
       todo = again
     return results
 
@@ -227,7 +256,9 @@ class Scheduler:
     return out
 
   def set_states(self, by_shard: dict) -> None:
-    """Replaces every worker's pools; calls still in flight become stale (old epoch)."""
+    """Replaces every worker's pools (a restored run: outer steps may be replayed, so
+    the record of applied estimates restarts); calls in flight become stale."""
+    self._applied = set()
     def call(slot):
       slot.epoch += 1
       slot.initialized = True

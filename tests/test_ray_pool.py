@@ -1,0 +1,211 @@
+"""The Ray worker pool on a local Ray: determinism across worker counts, no recompiles,
+restarts of killed workers, stragglers and staleness, exact checkpoint round trips."""
+import logging
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from learned_opt.meta_train import config as config_lib
+from learned_opt.meta_train.outer import MetaTrainer
+from learned_opt.meta_train.ray_pool import (RayMetaTrainer, RayPools, assign_shards, from_host,
+                                             make_shards, to_host)
+
+# A learned step size on 32-d quadratics (4 tasks, 5-step truncations): short compiles.
+QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",
+         "estimator.unroll_length=5", "estimator.num_tasks=4", "outer.learning_rate=0.05"]
+
+
+def _build(overrides=()):
+  cfg = config_lib.load_config(None, QUICK + list(overrides))
+  lopt = config_lib.build_lopt(cfg.lopt)
+  return config_lib.build_estimators(cfg, lopt), config_lib.build_outer_optimizer(cfg.outer)
+
+
+def _equal(a, b):
+  la, lb = jax.tree.leaves(to_host(a)), jax.tree.leaves(to_host(b))
+  return jax.tree.structure(to_host(a)) == jax.tree.structure(to_host(b)) and all(
+      np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+  """A local Ray and two trainers on the same estimators (1 and 2 workers), shared by
+  the tests: actor processes and their compiles are the slow part on 2 cores."""
+  started = not ray.is_initialized()
+  if started:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  est, opt = _build()
+  trainers = {w: RayMetaTrainer(est, opt, num_workers=w, cpus_per_worker=0.25,
+                                compilation_cache_dir=cache) for w in (1, 2)}
+  yield est, opt, trainers
+  for tr in trainers.values():
+    tr.close()
+  if started:
+    ray.shutdown()
+
+
+@pytest.fixture
+def trainers(pool):
+  """The shared trainers with the default (synchronous) policy and no injected delays."""
+  est, opt, trainers = pool
+  for tr in trainers.values():
+    tr.set_policy()
+  yield trainers
+  for tr in trainers.values():
+    tr.set_policy()
+    ray.get([s.actor.inject_delay.remote(0.0) for s in tr.scheduler.slots])
+
+
+def _run(trainer, steps, seed=0, learner=None, handle=None):
+  if learner is None:
+    learner, handle = trainer.init(seed)
+  history = []
+  for _ in range(steps):
+    learner, handle, metrics = trainer.step(seed, learner, handle)
+    history.append(jax.device_get(metrics))
+  return learner, handle, history
+
+
+# ---- no Ray needed -----------------------------------------------------------------------
+def test_shard_layout_and_bad_settings():
+  shards = make_shards([4, 2], 2)
+  assert [(s.family, s.index, s.start, s.stop) for s in shards] == [(0, 0, 0, 2), (0, 1, 2, 4), (1, 0, 0, 2)]
+  blocks = assign_shards(shards, 2)
+  assert [len(b) for b in blocks] == [2, 1] and sum(blocks, []) == shards
+  with pytest.raises(ValueError, match="tasks_per_shard=3 does not divide estimator 0's num_tasks=4"):
+    make_shards([4], 3)
+  with pytest.raises(ValueError, match="num_workers=4 exceeds the 3 shards"):
+    assign_shards(shards, 4)
+  with pytest.raises(ValueError, match="tasks_per_shard must be a positive int, got 0"):
+    make_shards([4], 0)
+  key = jax.random.key(3)
+  tree = {"k": key, "x": np.arange(3.0)}
+  back = from_host(to_host(tree), tree)
+  assert np.array_equal(jax.random.key_data(back["k"]), jax.random.key_data(key))
+
+
+def test_bad_scheduler_settings_are_named(pool):
+  est, opt, trainers = pool
+  for kw, msg in [({"quorum": 0.0}, r"quorum must be in \(0, 1\], got 0.0"),
+                  ({"max_staleness": -1}, "max_staleness must be an int >= 0"),
+                  ({"timeout_s": -1.0}, "timeout_s must be >= 0 or None, got -1.0")]:
+    with pytest.raises(ValueError, match=msg):
+      RayMetaTrainer(est, opt, **kw)
+  with pytest.raises(ValueError, match="num_workers=5 exceeds the 4 shards"):
+    RayMetaTrainer(est, opt, num_workers=5)
+  learner, _ = trainers[1].init(0)
+  with pytest.raises(ValueError, match="expects the RayPools handle"):
+    trainers[1].step(0, learner, [])
+
+
+# ---- determinism -------------------------------------------------------------------------
+def test_one_and_two_workers_give_identical_meta_params(pool):
+  est, opt, trainers = pool
+  finals = {}
+  for workers, tr in trainers.items():
+    learner, handle, hist = _run(tr, 5)
+    finals[workers] = (learner, tr.gather_states(handle))
+    assert all(h["units_used"] == 4 and h["worker_failures"] == 0 for h in hist)
+    assert hist[0]["pool_inits"] == workers and all(h["pool_inits"] == 0 for h in hist[1:])
+  assert _equal(finals[1][0], finals[2][0])      # theta, outer optimizer state, step
+  assert _equal(finals[1][1], finals[2][1])      # every inner task of the pools
+  # The estimator of the in-process trainer: same keys and pools, summed in another order.
+  mt = MetaTrainer(est, opt)
+  learner, states = mt.init(0)
+  for _ in range(5):
+    learner, states, _ = mt.step(0, learner, states)
+  for a, b in zip(jax.tree.leaves(to_host(learner)), jax.tree.leaves(to_host(finals[1][0]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert not _equal(learner.meta_params, mt.init(0)[0].meta_params)  # it did train
+  for a, b in zip(jax.tree.leaves(to_host(states)), jax.tree.leaves(to_host(finals[1][1]))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_second_step_does_not_recompile(trainers):
+  tr = trainers[2]
+  learner, handle, _ = _run(tr, 2)
+  sizes = [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots]
+  combine = tr._combine._cache_size()
+  _run(tr, 3, learner=learner, handle=handle)
+  assert [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots] == sizes == [1, 1]
+  assert tr._combine._cache_size() == combine == 1
+
+
+def test_checkpoint_round_trip_is_exact_across_worker_counts(trainers):
+  learner, handle, _ = _run(trainers[2], 2)
+  saved_learner, saved = learner, trainers[2].gather_states(handle)
+  straight, _, _ = _run(trainers[2], 2, learner=learner, handle=handle)
+  trainers[1].init(0)
+  handle = trainers[1].scatter_states(saved)
+  resumed, handle, hist = _run(trainers[1], 2, learner=saved_learner, handle=handle)
+  assert all(h["pool_inits"] == 0 for h in hist)   # the restored pools were used
+  assert _equal(straight.meta_params, resumed.meta_params)
+  with pytest.raises(ValueError, match="expected num_tasks=4 on every leaf"):
+    trainers[1].scatter_states([jax.tree.map(lambda x: x[:2], saved[0])])
+
+
+# ---- failures and stragglers ---------------------------------------------------------------
+def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog):
+  tr = trainers[2]
+  learner, handle, _ = _run(tr, 1)
+  victim = tr.scheduler.slots[0].actor
+  old_pid = ray.get(victim.pid.remote())
+  ray.get(victim.inject_delay.remote(1.5))
+  # Killed in the middle of a step: its call fails, Ray restarts the actor, the learner
+  # re-sends the step with "initialize first".
+  threading.Timer(0.5, lambda: ray.kill(victim, no_restart=False)).start()
+  with caplog.at_level(logging.WARNING, logger="lopt.ray"):
+    learner, handle, hist = _run(tr, 3, learner=learner, handle=handle)
+  assert hist[0]["worker_failures"] == 1 and hist[0]["pool_inits"] == 1
+  assert all(h["units_used"] == h["units_total"] == 4 for h in hist)
+  assert all(h["worker_failures"] == 0 and h["pool_inits"] == 0 for h in hist[1:])
+  assert ray.get(victim.pid.remote()) != old_pid
+  assert "worker 0 lost" in caplog.text
+  assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
+  assert int(learner.step) == 4
+
+
+def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
+  tr = trainers[2]
+  tr.set_policy(quorum=0.5, timeout_s=0.3)
+  learner, handle, _ = _run(tr, 1)
+  ray.get(tr.scheduler.slots[1].actor.inject_delay.remote(2.0))
+  t0 = time.perf_counter()
+  learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
+  assert time.perf_counter() - t0 < 1.5   # did not wait for the 2 s straggler
+  assert hist[0]["units_used"] == 2
+  ray.get(tr.scheduler.slots[1].actor.inject_delay.remote(0.0))  # queued behind its late call
+  learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
+  assert hist[0]["units_dropped_stale"] == 2 and hist[0]["staleness"] == 0
+  assert int(learner.step) == 3
+
+
+def test_async_mode_applies_estimates_within_the_staleness_bound(trainers):
+  tr = trainers[2]
+  learner, handle, _ = _run(tr, 1)
+  # Worker 1 takes ~6 of worker 0's steps per call.
+  ray.get([s.actor.inject_delay.remote(d) for s, d in zip(tr.scheduler.slots, (0.1, 0.6))])
+  tr.set_policy(quorum=0.5, timeout_s=0.0, max_staleness=10)
+  learner, handle, hist = _run(tr, 8, learner=learner, handle=handle)
+  # Worker 0's units are at most 1 step old: older ones are worker 1's, applied late.
+  assert 2 <= max(h["staleness"] for h in hist) <= 10
+  assert sum(h["units_dropped_stale"] for h in hist) == 0
+  tr.set_policy(quorum=0.5, timeout_s=0.0, max_staleness=1)
+  learner, handle, hist = _run(tr, 8, learner=learner, handle=handle)
+  assert sum(h["units_dropped_stale"] for h in hist) > 0 and max(h["staleness"] for h in hist) <= 1
+  assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
+
+
+def test_foreign_handle_reinitializes_pools(trainers, caplog):
+  tr = trainers[1]
+  learner, handle, _ = _run(tr, 1)
+  foreign = RayPools(pools_id=np.uint32(int(handle.pools_id) ^ 1))
+  with caplog.at_level(logging.WARNING, logger="lopt.ray"):
+    learner, handle, hist = _run(tr, 1, learner=learner, handle=foreign)
+  assert hist[0]["pool_inits"] == 1 and "re-initializing" in caplog.text
