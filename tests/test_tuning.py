@@ -97,9 +97,9 @@ def test_runs_equal_tasks_train_with_the_same_seed():
   # Minibatch noise: every grid value must see the batches `tasks.train` draws.
   task = _quadratic(log10_cond=2.0, noise=0.3)
   grid = (1e-2, 1e-1)
-  result = tune_learning_rate(task, optax.adam, grid=grid, num_steps=50, seed=7)
+  result = tune_learning_rate(task, optax.adam, grid=grid, num_steps=20, seed=7)
   for i, lr in enumerate(grid):
-    ref = tasks.train(task, optax.adam(lr), num_steps=50, key=jax.random.key(7))
+    ref = tasks.train(task, optax.adam(lr), num_steps=20, key=jax.random.key(7))
     np.testing.assert_allclose(result.losses[i], np.asarray(ref.losses), rtol=1e-5, atol=1e-6)
 
 
@@ -114,9 +114,10 @@ def test_second_call_does_not_recompile():
 
 
 def test_tunes_muon_on_an_mlp():
-  fam = tasks.get_family("mlp_synthetic").replace(batch_size_range=(16, 16))
+  fam = tasks.get_family("mlp_synthetic").replace(batch_size_range=(16, 16), width_range=(32, 32),
+                                                  max_depth=2)
   task = fam.task()
-  result = tune_learning_rate(task, muon, grid=(1e-3, 1e-2, 1e-1), num_steps=30, seed=0)
+  result = tune_learning_rate(task, muon, grid=(1e-3, 1e-2, 1e-1), num_steps=20, seed=0)
   assert np.isfinite(result.final_losses).all()
   # Training made progress at the chosen rate (loss at init is about log(10) = 2.3).
   assert result.final_losses[result.best_index] < 0.9 * result.losses[result.best_index, 0]
