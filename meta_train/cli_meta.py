@@ -15,6 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
   p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--workers", type=int, default=0, metavar="N",
+                 help="spread the task pools over N Ray worker actors (default 0: in-process)")
+  p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                 help="join this Ray cluster instead of starting a local Ray (needs --workers)")
   p.set_defaults(func=_meta_train)
 
   p = sub.add_parser("plot", help="plot a meta-training run's meta-loss and gradient norm (PNG)")
@@ -44,7 +48,8 @@ def _meta_train(args) -> int:
   cfg = config_lib.load_config(path, args.overrides)
   out = args.out or os.path.join("runs", cfg.name)
   try:
-    result = run_meta_training(cfg, out, resume=args.resume, progress=not args.no_progress)
+    result = run_meta_training(cfg, out, resume=args.resume, progress=not args.no_progress,
+                               workers=args.workers, ray_address=args.ray_address)
   except KeyboardInterrupt:
     print(f"\ninterrupted; checkpoint written. Continue with: lopt meta-train "
           f"{args.config or ''} --out {out} --resume", file=sys.stderr)

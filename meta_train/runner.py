@@ -34,12 +34,31 @@ class RunResult(NamedTuple):
   export_path: str | None
 
 
-def build_trainer(cfg: config_lib.MetaTrainConfig) -> MetaTrainer:
-  """The lopt, one estimator per family and the outer optimizer, from a config."""
+def build_trainer(cfg: config_lib.MetaTrainConfig, *, workers: int = 0,
+                  ray_address: str | None = None) -> MetaTrainer:
+  """The lopt, one estimator per family and the outer optimizer, from a config.
+
+  workers > 0 spreads the pools over that many Ray worker actors, on a local Ray or on
+  the cluster at `ray_address` ("auto", "HOST:PORT"); 0 trains in this process.
+  """
   lopt = config_lib.build_lopt(cfg.lopt)
   estimators = config_lib.build_estimators(cfg, lopt)
   optimizer = config_lib.build_outer_optimizer(cfg.outer)
+  if ray_address is not None and workers < 1:
+    raise ValueError(f"--ray-address {ray_address} needs --workers N (N >= 1), got {workers}")
+  if workers:
+    from learned_opt.meta_train.ray_pool import RayMetaTrainer
+    return RayMetaTrainer(estimators, optimizer, accumulate=cfg.outer.accumulate,
+                          num_workers=workers, address=ray_address)
   return MetaTrainer(estimators, optimizer, accumulate=cfg.outer.accumulate)
+
+
+def _pool_states(trainer, states, learner):
+  # The Ray trainer keeps the pools on its workers; checkpoints hold them gathered in
+  # the in-process layout, so a run resumes with any number of workers.
+  if hasattr(trainer, "gather_states"):
+    return trainer.gather_states(states, learner.meta_params)
+  return states
 
 
 def _check_run_dir(cfg, run_dir: str, resume: bool) -> None:
@@ -73,7 +92,8 @@ def export_meta_params(path: str, lopt, meta_params, info: dict) -> str:
 
 
 def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: bool = False,
-                      progress: bool = True, stop_after: int | None = None) -> RunResult:
+                      progress: bool = True, stop_after: int | None = None, workers: int = 0,
+                      ray_address: str | None = None) -> RunResult:
   """Meta-trains as configured, writing into `run_dir`.
 
   Args:
@@ -82,9 +102,19 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
     resume: continue from the newest checkpoint in `run_dir`.
     progress: show a tqdm progress bar.
     stop_after: stop (with a checkpoint) after this many outer steps in this call.
+    workers, ray_address: see `build_trainer` (not part of the config: a run may
+      resume with another number of workers).
   """
   _check_run_dir(cfg, run_dir, resume)
-  trainer = build_trainer(cfg)
+  trainer = build_trainer(cfg, workers=workers, ray_address=ray_address)
+  try:
+    return _run(trainer, cfg, run_dir, resume, progress, stop_after)
+  finally:
+    if hasattr(trainer, "close"):
+      trainer.close()
+
+
+def _run(trainer, cfg, run_dir, resume, progress, stop_after) -> RunResult:
   learner, states = trainer.init(cfg.seed)
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
   resume_step = None
@@ -92,8 +122,11 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
     found = run_checkpoint.latest_checkpoint(ckpt_dir)
     if found is not None:
       resume_step, path = found
-      restored = run_checkpoint.restore(path, {"learner": learner, "states": states})
+      restored = run_checkpoint.restore(
+          path, {"learner": learner, "states": _pool_states(trainer, states, learner)})
       learner, states = restored["learner"], restored["states"]
+      if hasattr(trainer, "scatter_states"):
+        states = trainer.scatter_states(states)
   writer = MetricsWriter(run_dir, resume_step=resume_step if resume else None,
                          tensorboard=cfg.run.tensorboard)
   total = cfg.outer.num_steps
@@ -105,8 +138,10 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
     bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
 
   def checkpoint():
-    run_checkpoint.save(ckpt_dir, int(learner.step), {"learner": learner, "states": states},
+    pools = _pool_states(trainer, states, learner)
+    run_checkpoint.save(ckpt_dir, int(learner.step), {"learner": learner, "states": pools},
                         keep=cfg.run.keep_checkpoints)
+    return pools
 
   try:
     while int(learner.step) < end:
@@ -132,7 +167,7 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
     if bar is not None:
       bar.close()
     writer.close()
-  checkpoint()
+  states = checkpoint()
   finished = int(learner.step) >= total
   export_path = None
   if finished and cfg.run.export:

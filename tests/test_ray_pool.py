@@ -1,6 +1,7 @@
 """The Ray worker pool on a local Ray: determinism across worker counts, no recompiles,
 restarts of killed workers, stragglers and staleness, exact checkpoint round trips."""
 import logging
+import os
 import threading
 import time
 
@@ -10,8 +11,13 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from flax import serialization
+
 from learned_opt.meta_train import config as config_lib
+from learned_opt.meta_train import run_checkpoint
+from learned_opt.meta_train.cli import main
 from learned_opt.meta_train.outer import MetaTrainer
+from learned_opt.meta_train.runner import run_meta_training
 from learned_opt.meta_train.ray_pool import (RayMetaTrainer, RayPools, assign_shards, from_host,
                                              make_shards, to_host)
 
@@ -38,7 +44,9 @@ def pool(tmp_path_factory):
   the tests: actor processes and their compiles are the slow part on 2 cores."""
   started = not ray.is_initialized()
   if started:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs (scheduling tokens): room for the runner's own 1-CPU workers too;
+    # every actor runs one XLA thread whatever this says.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
   cache = str(tmp_path_factory.mktemp("jax_cache"))
   est, opt = _build()
   trainers = {w: RayMetaTrainer(est, opt, num_workers=w, cpus_per_worker=0.25,
@@ -209,3 +217,25 @@ def test_foreign_handle_reinitializes_pools(trainers, caplog):
   with caplog.at_level(logging.WARNING, logger="lopt.ray"):
     learner, handle, hist = _run(tr, 1, learner=learner, handle=foreign)
   assert hist[0]["pool_inits"] == 1 and "re-initializing" in caplog.text
+
+
+# ---- the runner and the command line ------------------------------------------------------
+@pytest.mark.slow  # ~1.5 min here: the runner starts its own workers twice
+def test_cli_workers_run_resumes_with_another_worker_count(trainers, tmp_path):
+  out = str(tmp_path / "run")
+  sets = QUICK + ["outer.num_steps=4", "run.checkpoint_every=2", "run.export=null",
+                  "run.tensorboard=false"]
+  cfg = config_lib.load_config(None, sets)
+  first = run_meta_training(cfg, out, progress=False, stop_after=2, workers=2)
+  assert int(first.learner.step) == 2 and not first.finished
+  assert jax.tree.structure(to_host(first.states)) == jax.tree.structure(
+      to_host(trainers[1].gather_states(trainers[1].init(0)[1], first.learner.meta_params)))
+  argv = ["meta-train", "--out", out, "--no-progress", "--resume", "--workers", "1"]
+  assert main(argv + sum((["--set", s] for s in sets), [])) == 0
+  step, path = run_checkpoint.latest_checkpoint(os.path.join(out, "checkpoints"))
+  with open(path, "rb") as f:
+    saved = serialization.msgpack_restore(f.read())
+  straight, _, _ = _run(trainers[2], 4)
+  assert step == 4 and _equal(saved["learner"]["meta_params"], straight.meta_params)
+  assert main(["meta-train", "--out", str(tmp_path / "x"), "--ray-address", "auto", "--no-progress"]
+              + sum((["--set", s] for s in sets), [])) == 2   # --ray-address without --workers
