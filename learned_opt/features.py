@@ -225,7 +225,7 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
     m = [b * mi + (1.0 - b) * g for b, mi in zip(spec.momentum_decays, m)]
   if spec.needs_nu:
     v = spec.rms_decay * v + (1.0 - spec.rms_decay) * jnp.square(g)
-  chans = []
+  chans, squares = [], {}  # squares: channel index -> its square, where cheaper than x * x
   for f in spec.param_groups:
     if f == "grad":
       chans.append(g)
@@ -237,10 +237,14 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
     elif f == "momentum":
       chans += list(m)
     elif f == "rms":
+      squares[len(chans)] = v
       chans.append(jnp.sqrt(v))
     elif f == "adam":
       inv = jax.lax.rsqrt(v + TINY)
-      chans += [mi * inv for mi in m]
+      inv_sq = 1.0 / (v + TINY)
+      for mi in m:
+        squares[len(chans)] = jnp.square(mi) * inv_sq
+        chans.append(mi * inv)
     elif f == "adafactor":
       if _is_matrix(shape):
         g2 = jnp.square(g).reshape(-1, shape[-1])
@@ -266,7 +270,7 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
         chans.append(_newton_schulz(mu.reshape(-1, shape[-1])).reshape(shape))
       else:
         chans.append(mu)
-  return chans, (m, v, r, c)
+  return chans, squares, (m, v, r, c)
 
 
 def _global_features(spec: FeatureSpec, state: FeatureState, loss):
@@ -293,6 +297,22 @@ def _global_features(spec: FeatureSpec, state: FeatureState, loss):
     out += [rel(loss, loss_ema), rel(loss_ema, loss_first)]
   g = jnp.concatenate(out) if out else _zeros((0,))
   return g, loss_ema, loss_first
+
+
+def _mean_squares(squares: list) -> jax.Array:
+  """[len(squares)] means, computed by ONE variadic reduction over all channels.
+
+  Separate `jnp.mean`s make XLA materialize every channel and read it once per
+  reduction; a single multi-operand `lax.reduce` reads the inputs once.
+  """
+  shape = squares[0].shape
+  if not shape:
+    return jnp.stack(squares)
+  zeros = tuple(jnp.zeros((), jnp.float32) for _ in squares)
+  sums = jax.lax.reduce(tuple(squares), zeros,
+                        lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                        tuple(range(len(shape))))
+  return jnp.stack(sums) / math.prod(shape)
 
 
 def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
@@ -334,17 +354,19 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   v = state.nu if spec.needs_nu else [None] * n
   r = state.rows if "adafactor" in spec.features else [None] * n
   c = state.cols if "adafactor" in spec.features else [None] * n
-  raws, accs = [], []
+  raws, squares, accs = [], [], []
   for i in range(n):
-    raw, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], m[i], v[i], r[i], c[i])
+    raw, sq, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], m[i], v[i], r[i], c[i])
     raws.append(raw)
+    squares.append(sq)
     accs.append(acc)
   if "saferate" in spec.features:
     safe = _saferate_channels(spec, params, accs, value_fn)
     raws = [[safe[i] if x is None else x for x in raw] for i, raw in enumerate(raws)]
   per_param, scales = [], []
-  for raw in raws:
-    ms = jnp.stack([jnp.mean(jnp.square(x)) for x in raw]) + TINY
+  for raw, sq in zip(raws, squares):
+    ms = _mean_squares([sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
+                        for j, x in enumerate(raw)]) + TINY
     inv = jax.lax.rsqrt(ms)
     per_param.append([x * inv[j] for j, x in enumerate(raw)])
     scales.append(0.5 * jnp.log(ms))

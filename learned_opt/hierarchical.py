@@ -176,7 +176,12 @@ class HierarchicalLOpt(LearnedOptimizer):
     leaves, treedef = jax.tree.flatten(params)
     n = len(leaves)
     p32 = [jnp.asarray(p, jnp.float32) for p in leaves]
-    param_scale = jnp.stack([jnp.sqrt(jnp.mean(jnp.square(p))) for p in p32]) + self.param_scale_floor
+    names = self.spec.param_names()
+    if "param" in names:  # reuse the features' per-tensor RMS: saves a pass over params
+      rms = jnp.sqrt(jnp.maximum(jnp.exp(2.0 * f.per_tensor[:, names.index("param")]) - feats.TINY, 0.0))
+    else:
+      rms = jnp.stack([jnp.sqrt(jnp.mean(jnp.square(p))) for p in p32])
+    param_scale = rms + self.param_scale_floor
     shape_stats = jnp.asarray([[math.log(max(math.prod(jnp.shape(p)), 1)) / 10.0,
                                 float(feats._is_matrix(jnp.shape(p)))] for p in leaves],
                               jnp.float32).reshape(n, 2)
