@@ -215,7 +215,10 @@ def _reusable(old: dict, new: dict, specs: dict, candidates) -> dict:
     spec = specs.get(name)
     if spec is None or (t["num_steps"], t["full_batch"]) != (spec.num_steps, spec.full_batch):
       continue
-    opts = {n: r for n, r in t["optimizers"].items() if prints.get(n, None) == r.get("fingerprint")}
+    # Results of optimizers not asked for this time stay (same seeds and grid); those
+    # asked for again stay only if they are the same optimizer (same fingerprint).
+    opts = {n: r for n, r in t["optimizers"].items()
+            if n not in prints or prints[n] == r.get("fingerprint")}
     if opts:
       kept[name] = {**t, "optimizers": opts}
   return kept
@@ -243,7 +246,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     progress: show a progress bar.
     resume: keep the (task, optimizer) results already in `out_dir/results.json` from
       a run with the same suite, seeds and grid (and the same checkpoint for learned
-      optimizers): only missing ones run, so optimizers can be added later.
+      optimizers): only missing ones run, so optimizers can be added later, and results
+      of optimizers not named this time are kept.
   """
   lr_grid = tuple(float(x) for x in lr_grid)
   candidates = [eval_optimizers.resolve(n, lr_grid=lr_grid) for n in optimizers]  # fail early
@@ -265,6 +269,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
   path = os.path.join(out_dir, RESULTS_FILE)
   if resume and os.path.isfile(path):
     results["tasks"] = _reusable(load_results(out_dir), results, specs, candidates)
+    for t in results["tasks"].values():
+      results["optimizers"] += [n for n in t["optimizers"] if n not in results["optimizers"]]
   todo = {}  # task -> candidates still to run
   for n in names:
     have = results["tasks"].get(n, {}).get("optimizers", {})
@@ -280,7 +286,7 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
   def done(name, result):
     if name in results["tasks"]:  # merge with the results kept from a previous run
       result = {**result, "optimizers": {**results["tasks"][name]["optimizers"], **result["optimizers"]}}
-    order = [c.name for c in candidates if c.name in result["optimizers"]]
+    order = [n for n in results["optimizers"] if n in result["optimizers"]]
     result["optimizers"] = {n: result["optimizers"][n] for n in order}
     results["tasks"][name] = M.jsonable(add_speedups(result))
     results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
