@@ -20,7 +20,6 @@ and that one are the only ones that import ray.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -35,7 +34,7 @@ from flax import struct
 
 from learned_opt.meta_train import outer
 from learned_opt.meta_train.estimator_base import combine_estimates
-from learned_opt.meta_train.ray_scheduler import Scheduler, Shard
+from learned_opt.meta_train.ray_scheduler import Scheduler, Shard, assign_shards, make_shards
 
 log = logging.getLogger("lopt.ray")
 
@@ -76,37 +75,6 @@ def from_host(tree: Any, template: Any) -> Any:
   return jax.tree.map(back, template, tree)
 
 
-# ---- the shard layout --------------------------------------------------------------------
-def make_shards(num_tasks: Sequence[int], tasks_per_shard: int) -> list[Shard]:
-  """Cuts each estimator's pool into shards of `tasks_per_shard` consecutive tasks.
-
-  Args:
-    num_tasks: pool size of each estimator (family), in order.
-    tasks_per_shard: tasks per shard; must divide every pool size.
-  """
-  if not isinstance(tasks_per_shard, int) or tasks_per_shard < 1:
-    raise ValueError(f"tasks_per_shard must be a positive int, got {tasks_per_shard!r}")
-  shards = []
-  for f, n in enumerate(num_tasks):
-    if n % tasks_per_shard:
-      raise ValueError(f"tasks_per_shard={tasks_per_shard} does not divide estimator {f}'s "
-                       f"num_tasks={n}; expected a divisor of every pool size")
-    shards += [Shard(f, s, s * tasks_per_shard, (s + 1) * tasks_per_shard)
-               for s in range(n // tasks_per_shard)]
-  return shards
-
-
-def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]]:
-  """Balanced contiguous blocks of shards, one block per worker."""
-  if not isinstance(num_workers, int) or num_workers < 1:
-    raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
-  if num_workers > len(shards):
-    raise ValueError(f"num_workers={num_workers} exceeds the {len(shards)} shards of the pools; "
-                     "use fewer workers, more tasks, or a smaller tasks_per_shard")
-  bounds = np.linspace(0, len(shards), num_workers + 1).round().astype(int)
-  return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
 # ---- the worker actor --------------------------------------------------------------------
 class PoolWorker:
   """A Ray actor's body: the states of its shards and the estimators that advance them.
@@ -126,6 +94,7 @@ class PoolWorker:
     self._pools = None
     self._epoch = -1
     self._delay_s = 0.0
+    self._combine = jax.jit(combine_estimates)
 
   def node_id(self) -> str:
     return ray.get_runtime_context().get_node_id()
@@ -154,11 +123,13 @@ class PoolWorker:
   def _ready(self, epoch: int) -> bool:
     return self._pools is not None and self._epoch == epoch
 
-  def run(self, theta, *, epoch: int, seed: int, version: int, accumulate: int, init: bool) -> dict:
+  def run(self, theta, *, epoch: int, seed: int, version: int, accumulate: int, init: bool,
+          combine: bool = False) -> dict:
     """Advances every shard `accumulate` truncations with theta (of outer step `version`).
 
     Returns {"status": "ok", "epoch", "version", "units": [((version, j, f, s),
-    GradEstimate), ...], "compute_s"} or {"status": "uninitialized", "epoch"}.
+    GradEstimate, shards covered), ...], "compute_s"} or {"status": "uninitialized",
+    "epoch"}. With `combine`, one estimate per (j, f), keyed by its first shard.
     """
     if self._delay_s:
       time.sleep(self._delay_s)
@@ -174,8 +145,14 @@ class PoolWorker:
         key = outer.estimate_key(steps_key, version, j, sh.family)
         pools[sh.family, sh.index], est = self._estimators[sh.family].estimate(
             key, theta, pools[sh.family, sh.index])
-        units.append(((version, j, sh.family, sh.index), est))
-    units = [(k, to_host(e)) for k, e in units]
+        units.append(((version, j, sh.family, sh.index), est, 1))
+    if combine:
+      groups = {}
+      for (v, j, f, s), est, _ in units:
+        groups.setdefault((v, j, f), []).append((s, est))
+      units = [((v, j, f, group[0][0]), self._combine([e for _, e in group]), len(group))
+               for (v, j, f), group in groups.items()]
+    units = [(k, to_host(e), n) for k, e, n in units]
     self._pools = pools  # committed only once every shard has advanced
     return {"status": "ok", "epoch": epoch, "version": version, "units": units,
             "compute_s": time.perf_counter() - t0}
@@ -248,6 +225,10 @@ class RayMetaTrainer:
     cpus_per_worker, gpus_per_worker: Ray resources each actor reserves.
     worker_env: environment variables of the actor processes (default: one thread).
     compilation_cache_dir: JAX persistent compilation cache of the workers (None: off).
+    combine_on_worker: each worker averages its shards' estimates before sending: the
+      learner then takes in one meta-gradient per worker instead of one per shard (what
+      large meta-parameters or many shards need, see docs/ray.md), at the price of
+      bit-identity across worker counts (the sum order follows the assignment).
     max_failures: worker failures tolerated over the run before giving up.
   """
 
@@ -257,7 +238,8 @@ class RayMetaTrainer:
                address: str | None = None, num_cpus: int | None = None,
                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                worker_env: dict[str, str] | None = None,
-               compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100):
+               compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100,
+               combine_on_worker: bool = False):
     if not estimators:
       raise ValueError("RayMetaTrainer needs at least one estimator, got none")
     if not isinstance(accumulate, int) or accumulate < 1:
@@ -278,7 +260,8 @@ class RayMetaTrainer:
     make_actor = lambda shards: actor_cls.remote(self._estimators_ref, shards, compilation_cache_dir)
     self.scheduler = Scheduler(make_actor, assignment, num_units=accumulate * len(self.shards),
                                accumulate=accumulate, quorum=quorum, timeout_s=timeout_s,
-                               max_staleness=max_staleness, max_failures=max_failures, log=log)
+                               max_staleness=max_staleness, max_failures=max_failures, log=log,
+                               combine_on_worker=combine_on_worker)
     self._combine = jax.jit(combine_estimates)
     self._pools_id = 0
     self._seed = None

@@ -11,7 +11,8 @@ Rules, per outer step `t` (the *version* of theta it broadcasts):
   * a result is accepted if it comes from the worker's current *epoch* (pools the
     learner initialized or restored; a restarted actor starts empty and answers
     "uninitialized") and its version is at least t - max_staleness;
-  * the step ends when `quorum` of the units (shard x accumulation estimates) are in
+  * the step ends when `quorum` of the units (shard x accumulation estimates; one
+    worker-combined estimate counts for the shards it covers) are in
     and either nothing of version t is still running or `timeout_s` has passed;
   * a worker that dies (process or node) is restarted by Ray (max_restarts=-1); the
     learner bumps its epoch and re-sends version t with "initialize first", so its
@@ -29,6 +30,7 @@ import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
+import numpy as np
 import ray
 import ray.exceptions
 
@@ -44,6 +46,37 @@ class Shard(NamedTuple):
   index: int
   start: int
   stop: int
+
+
+# ---- the shard layout: fixed by the config, not by the number of workers -----------
+def make_shards(num_tasks: Sequence[int], tasks_per_shard: int) -> list[Shard]:
+  """Cuts each estimator's pool into shards of `tasks_per_shard` consecutive tasks.
+
+  Args:
+    num_tasks: pool size of each estimator (family), in order.
+    tasks_per_shard: tasks per shard; must divide every pool size.
+  """
+  if not isinstance(tasks_per_shard, int) or tasks_per_shard < 1:
+    raise ValueError(f"tasks_per_shard must be a positive int, got {tasks_per_shard!r}")
+  shards = []
+  for f, n in enumerate(num_tasks):
+    if n % tasks_per_shard:
+      raise ValueError(f"tasks_per_shard={tasks_per_shard} does not divide estimator {f}'s "
+                       f"num_tasks={n}; expected a divisor of every pool size")
+    shards += [Shard(f, s, s * tasks_per_shard, (s + 1) * tasks_per_shard)
+               for s in range(n // tasks_per_shard)]
+  return shards
+
+
+def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]]:
+  """Balanced contiguous blocks of shards, one block per worker."""
+  if not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f"num_workers must be a positive int, got {num_workers!r}")
+  if num_workers > len(shards):
+    raise ValueError(f"num_workers={num_workers} exceeds the {len(shards)} shards of the pools; "
+                     "use fewer workers, more tasks, or a smaller tasks_per_shard")
+  bounds = np.linspace(0, len(shards), num_workers + 1).round().astype(int)
+  return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclasses.dataclass
@@ -70,15 +103,18 @@ class Scheduler:
     make_actor: shards -> a new actor handle (a `PoolWorker`).
     assignment: the shards of each worker.
     num_units: estimates per step when every worker reports (accumulate x shards).
-    accumulate, quorum, timeout_s, max_staleness, max_failures: see `RayMetaTrainer`.
+    accumulate, quorum, timeout_s, max_staleness, max_failures, combine_on_worker: see
+      `RayMetaTrainer`.
     log: where failures and stragglers are reported.
   """
 
   def __init__(self, make_actor: Callable[[list], Any], assignment: Sequence[list], *,
                num_units: int, accumulate: int, quorum: float, timeout_s: float | None,
-               max_staleness: int, max_failures: int, log: logging.Logger):
+               max_staleness: int, max_failures: int, log: logging.Logger,
+               combine_on_worker: bool = False):
     self.num_units = num_units
     self.accumulate = accumulate
+    self.combine_on_worker = combine_on_worker
     self.set_policy(quorum=quorum, timeout_s=timeout_s, max_staleness=max_staleness)
     self.slots = [_Slot(i, list(shards), make_actor(list(shards))) for i, shards in enumerate(assignment)]
     self.max_failures = max_failures
@@ -122,7 +158,7 @@ class Scheduler:
     self._dispatch_idle(theta_ref, seed, version, stats)
     while True:
       running_current = any(s.ref is not None and s.ref_version == version for s in self.slots)
-      enough = len(accepted) >= self.required
+      enough = sum(n for _, n in accepted.values()) >= self.required
       elapsed = time.monotonic() - start
       if enough and (not running_current or (self.timeout_s is not None and elapsed >= self.timeout_s)):
         break
@@ -149,7 +185,8 @@ class Scheduler:
       if not ready and now - last_report >= _POLL_S:
         waiting = [s.index for s in self.slots if s.ref is not None]
         self.log.warning("step %d: %d of %d estimates after %.0f s; waiting for workers %s",
-                         version, len(accepted), self.required, now - start, waiting)
+                         version, sum(n for _, n in accepted.values()), self.required,
+                         now - start, waiting)
         last_report = now
     dup = self._applied.intersection(accepted)
     if dup:
@@ -157,11 +194,12 @@ class Scheduler:
                          "them twice")
     self._applied.update(accepted)
     self._applied = {k for k in self._applied if k[0] >= version - self.max_staleness}
-    stats["units_used"] = len(accepted)
+    used = sum(n for _, n in accepted.values())
+    stats["units_used"] = used
     if accepted:
-      stats["staleness"] = sum(version - k[0] for k in accepted) / len(accepted)
+      stats["staleness"] = sum(n * (version - k[0]) for k, (_, n) in accepted.items()) / used
     stats["wait_s"] = time.monotonic() - start
-    return accepted, stats
+    return {k: est for k, (est, _) in accepted.items()}, stats
 
   def _dispatch_idle(self, theta_ref, seed, version, stats) -> None:
     now = time.monotonic()
@@ -170,7 +208,8 @@ class Scheduler:
         init = not slot.initialized
         slot.ref_init = init
         slot.ref = slot.actor.run.remote(theta_ref, epoch=slot.epoch, seed=seed, version=version,
-                                         accumulate=self.accumulate, init=init)
+                                         accumulate=self.accumulate, init=init,
+                                         combine=self.combine_on_worker)
         slot.ref_version = version
         # Optimistic: if this call fails, _receive marks the pools lost again.
         slot.initialized = True
@@ -193,12 +232,12 @@ class Scheduler:
     stats["pool_inits"] += int(slot.ref_init)
     slot.done_version = max(slot.done_version, result["version"])
     if version - result["version"] > self.max_staleness:
-      stats["units_dropped_stale"] += len(result["units"])
+      stats["units_dropped_stale"] += sum(n for _, _, n in result["units"])
       return
-    for key, est in result["units"]:
+    for key, est, covers in result["units"]:
       if key in accepted:
         raise RuntimeError(f"estimate {key} arrived twice in one step; refusing to apply it twice")
-      accepted[key] = est
+      accepted[key] = (est, covers)
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
 
