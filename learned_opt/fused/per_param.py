@@ -45,14 +45,15 @@ def channels(spec: feats.FeatureSpec) -> tuple[fk.Channel, ...]:
   Adafactor's row/column factors (a gather by row and column) and Muon's direction (a
   matrix iteration) are not elementwise, so they arrive precomputed as side channels.
   """
+  names = spec.param_names()
   out, side = [], 0
   for group in spec.param_groups:
     if group in ("momentum", "adam"):
       out += [fk.Channel(group, k) for k in range(len(spec.momentum_decays))]
     elif group in fk.IN_KERNEL:
       out.append(fk.Channel(group))
-    else:
-      width = 3 if group == "adafactor" else 1
+    else:  # as many side channels as the group has names ("adafactor/dir", ...)
+      width = sum(1 for nm in names if nm == group or nm.startswith((group + "/", group + "@")))
       out += [fk.Channel("side", side + j) for j in range(width)]
       side += width
   assert len(out) == len(spec.param_names())
