@@ -15,7 +15,9 @@ ARCHS = [lo.LearnedLR(direction="adam"),
          lo.HierarchicalLOpt(num_mlps=2, features=("grad", "muon", "train_frac"))]
 
 
+@jax.jit
 def _updates(lopt, theta):
+  """Two jitted steps; a loaded optimizer equal to the saved one reuses the compilation."""
   params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.zeros((3,))}
   grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) + 0.1, params)
   state = lopt.init(theta, params, num_steps=10)
