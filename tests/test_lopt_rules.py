@@ -78,14 +78,15 @@ def test_mlp_reduces_to_per_tensor_normalized_momentum():
   _assert_rule(lopt, theta, rule)
 
 
-def test_lstm_reduces_to_sgd():
-  lopt = lo.PerParamLSTM(exp_mult=A, step_mult=0.01)
+def test_lstm_reduces_to_sgd_with_decoupled_weight_decay():
+  lopt = lo.PerParamLSTM(exp_mult=A, step_mult=0.01, weight_decay=0.5)
   theta = _zeros_like(lopt.init_meta_params(jax.random.key(0)))
   spec = lopt.spec
   theta["out"]["w_param"] = theta["out"]["w_param"].at[spec.param_names().index("grad"), 0].set(-1.0)
   theta["out"]["w_tensor"] = theta["out"]["w_tensor"].at[
       spec.tensor_names().index("log_rms/grad"), 1].set(1.0 / A)
-  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(lambda x: -0.01 * x, g))
+  params, _ = _params_and_grads()
+  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(lambda x, p: -0.01 * x - 0.01 * 0.5 * p, g, params))
 
 
 def test_hierarchical_reduces_to_sgd():
