@@ -193,7 +193,7 @@ def compose(rule, a: Enclosure, t: jax.Array) -> Enclosure:
   y = slope_interval(a, t)
   rng = value_range(a, t)
   r = rule.remainder(a.c0, rng.lo, rng.hi, f0, f1)
-  rem = iv.mul(r, iv.square(y))
+  rem = iv.mul_nonneg(r, iv.square(y))
   if a.rem is not None:
     rem = iv.add(rem, iv.scale(a.rem, f1))
   return Enclosure(f0, f1 * a.c1, rem, rule.image(rng))

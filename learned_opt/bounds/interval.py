@@ -54,24 +54,28 @@ def neg(a: Interval) -> Interval:
   return Interval(-a.hi, -a.lo)
 
 
-def _safe_mul(x, y):
-  # 0 * inf is 0 here: an exactly-zero factor (a parameter the direction leaves alone)
-  # must not turn an unbounded remainder elsewhere into NaN.
-  return jnp.where((x == 0) | (y == 0), jnp.zeros_like(x * y), x * y)
-
-
 def scale(a: Interval, p: jax.Array) -> Interval:
-  """a * p for a point p (broadcasting)."""
-  x, y = _safe_mul(a.lo, p), _safe_mul(a.hi, p)
-  return Interval(jnp.minimum(x, y), jnp.maximum(x, y))
+  """a * p for a point p (broadcasting). p == 0 gives [0, 0] even if a is unbounded: a
+  masked-out unit must not turn an unbounded remainder into NaN."""
+  x, y = a.lo * p, a.hi * p
+  zero = p == 0
+  return Interval(jnp.where(zero, 0.0, jnp.minimum(x, y)), jnp.where(zero, 0.0, jnp.maximum(x, y)))
 
 
 def mul(a: Interval, b: Interval) -> Interval:
   """The exact interval product, elementwise (broadcasting)."""
-  p1, p2 = _safe_mul(a.lo, b.lo), _safe_mul(a.lo, b.hi)
-  p3, p4 = _safe_mul(a.hi, b.lo), _safe_mul(a.hi, b.hi)
+  p1, p2, p3, p4 = a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi
   return Interval(jnp.minimum(jnp.minimum(p1, p2), jnp.minimum(p3, p4)),
                   jnp.maximum(jnp.maximum(p1, p2), jnp.maximum(p3, p4)))
+
+
+def mul_nonneg(a: Interval, b: Interval) -> Interval:
+  """a * b for b >= 0 elementwise; b == [0, 0] gives [0, 0] even if a is unbounded (a
+  remainder that blows up where the direction is exactly 0 multiplies nothing)."""
+  p1, p2, p3, p4 = a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi
+  zero = b.hi == 0
+  return Interval(jnp.where(zero, 0.0, jnp.minimum(jnp.minimum(p1, p2), jnp.minimum(p3, p4))),
+                  jnp.where(zero, 0.0, jnp.maximum(jnp.maximum(p1, p2), jnp.maximum(p3, p4))))
 
 
 def square(a: Interval) -> Interval:
@@ -83,7 +87,7 @@ def square(a: Interval) -> Interval:
 
 def times_unit(a: Interval, t: jax.Array) -> Interval:
   """a * [0, t] for a scalar t >= 0: the hull of {0} and t * a."""
-  return Interval(jnp.minimum(_safe_mul(a.lo, t), 0.0), jnp.maximum(_safe_mul(a.hi, t), 0.0))
+  return Interval(jnp.minimum(a.lo * t, 0.0), jnp.maximum(a.hi * t, 0.0))
 
 
 def hull(a: Interval, b: Interval) -> Interval:

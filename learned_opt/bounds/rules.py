@@ -100,7 +100,7 @@ def _structural(data_pos=None, index_what="index operand"):
 _first = lambda n: [0]
 for _name in ("reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice",
               "reduce_sum", "copy", "copy_p", "rev", "cumsum", "reduce_precision",
-              "sharding_constraint", "split", "real"):
+              "sharding_constraint", "split", "real", "stack", "tile"):
   RULES[_name] = _structural()
 RULES["dynamic_slice"] = _structural(_first, "start index")
 RULES["gather"] = _structural(_first, "indices")
