@@ -11,6 +11,7 @@ import math
 import os
 from typing import Optional
 
+from learned_opt.meta_train import eval_metrics as M
 from learned_opt.meta_train import evaluation
 
 REPORT_FILE = "report.md"
@@ -87,6 +88,21 @@ def plot_speedups(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _parts(results: dict) -> list[tuple[str, list[str]]]:
+  """(suite name, its evaluated tasks) for each "+"-joined part of the evaluated suite."""
+  from learned_opt.meta_train.eval_suites import suites
+  known, out, seen = suites(), [], set()
+  for part in results["suite"].split("+"):
+    names = [n for n in known.get(part, {}) if n in results["tasks"] and n not in seen]
+    seen.update(names)
+    if names:
+      out.append((part, names))
+  rest = [n for n in results["tasks"] if n not in seen]
+  if rest:
+    out.append((results["suite"], rest))
+  return out
+
+
 def _speed(r: dict) -> str:
   if r.get("speedup") is not None:
     return f"{r['speedup']:.2f}x"
@@ -107,18 +123,23 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
            "the steps the optimizer needs (running mean over 5% of the budget on minibatch "
            "tasks); `<x` means it never reached it (x bounds the speedup). Diverged: a NaN, "
            "or a final loss above the initial one, on any seed.", "",
-           "## Summary", "",
-           f"| optimizer | beats tuned {ref} | median speedup | worst final-loss ratio (task) | diverged |",
-           "|---|---:|---:|---|---|"]
-  for opt in opts:
-    s = results.get("summary", {}).get(opt)
-    if s is None:
-      continue
-    lines.append(f"| {opt} | {s['num_tasks'] and round(100 * s['frac_beats_reference'])}% of "
-                 f"{s['num_tasks']} | {s['median_speedup']:.2f}x | "
-                 f"{_fmt(s['worst_loss_ratio'], '.2f')} ({s['worst_task']}) | "
-                 f"{', '.join(s['diverged_tasks']) or 'none'} |")
-  lines += ["", "## Per task", "",
+           "## Summary", ""]
+  for part, names in _parts(results):
+    sub = {n: results["tasks"][n] for n in names}
+    summary = M.summarize(sub, reference=ref)
+    if len(names) < len(results["tasks"]):
+      lines += [f"Suite `{part}` ({len(names)} tasks):", ""]
+    lines += [f"| optimizer | beats tuned {ref} | median speedup | worst final-loss ratio (task) | diverged |",
+              "|---|---:|---:|---|---|"]
+    for opt in opts:
+      s = summary.get(opt)
+      if s is None:
+        continue
+      lines.append(f"| {opt} | {round(100 * s['frac_beats_reference'])}% of {s['num_tasks']} | "
+                   f"{s['median_speedup']:.2f}x | {_fmt(s['worst_loss_ratio'], '.3g')} "
+                   f"({s['worst_task']}) | {', '.join(s['diverged_tasks']) or 'none'} |")
+    lines.append("")
+  lines += ["## Per task", "",
             f"Final training loss (mean over seeds; ratio to tuned {ref}), test loss, speedup. "
             "Learning rates at the edge of the grid are marked *edge*.", ""]
   for name, t in results["tasks"].items():
