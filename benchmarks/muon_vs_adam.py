@@ -29,9 +29,10 @@ import optax
 from learned_opt import tasks
 from learned_opt.baselines import muon, tune_learning_rate
 
-# Half a decade apart; each optimizer's grid is centred on where it usually lands.
+# Half a decade apart, around where each landed on this task (GPU runs at batch 32: Adam
+# 3e-3, Muon 3e-3 to 1e-2 with a flat optimum; Muon at 1e-1 and above far worse).
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-MUON_GRID = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+MUON_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 
 def _muon_with_adam_lr(lr, *, adam_lr):

@@ -134,10 +134,7 @@ def muon_dimension_numbers(params: Params, labels: Optional[Params] = None) -> P
   """
   labels = muon_labels(params) if labels is None else labels
   is_label = lambda x: isinstance(x, (str, MuonDimensionNumbers))
-  try:
-    flat_labels = jax.tree_util.tree_flatten(labels, is_leaf=is_label)
-  except Exception as e:  # pragma: no cover - tree_flatten of odd objects
-    raise ValueError(f"labels must be a pytree of 'muon'/'adam' labels, got {labels!r}") from e
+  flat_labels = jax.tree_util.tree_flatten(labels, is_leaf=is_label)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   if flat_labels[1] != treedef:
     raise ValueError(f"the label tree does not match the parameter tree: expected structure "
@@ -177,7 +174,9 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, params: Optional[Params] = No
       fixed now and the result is exactly `optax.contrib.muon(...)`; omitted, the
       partition is computed from the tree passed to `init`/`update` (at trace time).
     label_fn: `params -> pytree of labels` ("muon", "adam" or a `MuonDimensionNumbers`
-      per leaf) overriding `muon_labels`.
+      per leaf) overriding `muon_labels`; "muon" leaves get dimension numbers by the
+      module docstring's rule. Without `params` it is called at trace time with the tree
+      given to `init`/`update` (parameters or gradients: same paths and shapes).
     adam_learning_rate: learning rate of the Adam part (default: `learning_rate`).
     beta: Muon's momentum decay.
     ns_steps: Newton-Schulz iterations.
