@@ -25,7 +25,10 @@ def _fmt(x: Optional[float], spec: str = ".3g") -> str:
 
 
 def _order(results: dict) -> list[str]:
-  return list(results["optimizers"])
+  """Baselines first (in their usual order), then the learned optimizers as evaluated."""
+  from learned_opt.meta_train.eval_optimizers import BASELINES
+  names = list(results["optimizers"])
+  return [b for b in BASELINES if b in names] + [n for n in names if n not in BASELINES]
 
 
 def plot_curves(results: dict, path: str) -> None:
