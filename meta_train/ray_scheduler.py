@@ -144,18 +144,18 @@ class Scheduler:
       slot.initialized = False
       slot.done_version = -1
 
-  def run_step(self, theta_ref, *, seed: int, version: int) -> tuple[dict, dict]:
+  def run_step(self, theta, *, seed: int, version: int) -> tuple[dict, dict]:
     """Gathers unit estimates for outer step `version`.
 
     Returns:
-      ({(version, j, family, shard): GradEstimate}, scalar stats of the step).
+      ({(version, j, family, shard): (stacked GradEstimate, row)}, scalar stats).
     """
     stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
              "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0}
     accepted: dict = {}
     start = time.monotonic()
     last_report = start
-    self._dispatch_idle(theta_ref, seed, version, stats)
+    self._dispatch_idle(theta, seed, version, stats)
     while True:
       running_current = any(s.ref is not None and s.ref_version == version for s in self.slots)
       enough = sum(n for _, n in accepted.values()) >= self.required
@@ -172,7 +172,7 @@ class Scheduler:
       wait = min(waits)
       if not refs:
         time.sleep(wait)
-        self._dispatch_idle(theta_ref, seed, version, stats)
+        self._dispatch_idle(theta, seed, version, stats)
         continue
       ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
       if ready:
@@ -180,7 +180,7 @@ class Scheduler:
       for ref in ready:
         slot = next(s for s in self.slots if s.ref is not None and s.ref == ref)
         self._receive(slot, version, accepted, stats)
-      self._dispatch_idle(theta_ref, seed, version, stats)
+      self._dispatch_idle(theta, seed, version, stats)
       now = time.monotonic()
       if not ready and now - last_report >= _POLL_S:
         waiting = [s.index for s in self.slots if s.ref is not None]
@@ -201,13 +201,13 @@ class Scheduler:
     stats["wait_s"] = time.monotonic() - start
     return {k: est for k, (est, _) in accepted.items()}, stats
 
-  def _dispatch_idle(self, theta_ref, seed, version, stats) -> None:
+  def _dispatch_idle(self, theta, seed, version, stats) -> None:
     now = time.monotonic()
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         init = not slot.initialized
         slot.ref_init = init
-        slot.ref = slot.actor.run.remote(theta_ref, epoch=slot.epoch, seed=seed, version=version,
+        slot.ref = slot.actor.run.remote(theta, epoch=slot.epoch, seed=seed, version=version,
                                          accumulate=self.accumulate, init=init,
                                          combine=self.combine_on_worker)
         slot.ref_version = version
@@ -234,10 +234,10 @@ class Scheduler:
     if version - result["version"] > self.max_staleness:
       stats["units_dropped_stale"] += sum(n for _, _, n in result["units"])
       return
-    for key, est, covers in result["units"]:
+    for key, row, covers in result["units"]:
       if key in accepted:
         raise RuntimeError(f"estimate {key} arrived twice in one step; refusing to apply it twice")
-      accepted[key] = (est, covers)
+      accepted[key] = ((result["stacked"], row), covers)
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
 
@@ -281,12 +281,12 @@ class Scheduler:
       todo = again
     return results
 
-  def get_states(self, theta_ref, *, seed: int) -> dict:
+  def get_states(self, theta, *, seed: int) -> dict:
     """{(family, shard): host pool state} from every worker (initializing empty ones)."""
     def call(slot):
       init = not slot.initialized
       slot.initialized = True
-      return slot.actor.get_states.remote(theta_ref, epoch=slot.epoch, seed=seed, init=init)
+      return slot.actor.get_states.remote(theta, epoch=slot.epoch, seed=seed, init=init)
     out = {}
     for index, result in self._call_all(call).items():
       if result["status"] != "ok":

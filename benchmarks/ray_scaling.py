@@ -1,0 +1,225 @@
+"""Ray pool scaling: throughput in-process vs Ray workers, and Ray's per-step overhead.
+
+Part 1 (default config, configs/tiny.yaml): inner steps per second of meta-training
+in-process (`MetaTrainer`) and with `RayMetaTrainer` on 1 and 2 workers, measured in
+interleaved blocks (A B C A B C ...) so that load from other processes hits all modes
+alike; the median block is reported with its ratio to in-process. Every process runs
+one XLA thread (this script sets the same flags the workers get), so the ratio of
+Ray-1-worker to in-process is the cost of Ray alone. Also the per-step Ray overhead
+(step wall time minus the worker's compute) as a share of the step.
+
+Part 2 (overhead vs meta-parameter size): an estimator that does no inner training,
+only returns a meta-gradient of theta's size, so each step is pure transfer: theta
+broadcast with `ray.put`, one estimate per shard gathered, combined and applied. For
+sizes 10 KB .. 10 MB, per-step ms of Ray (per-shard estimates, and combined on the
+workers) next to the same step in-process; the difference is Ray's broadcast+gather.
+Part 3 fits the paper model of docs/ray.md to these numbers and prints its throughput
+prediction up to 1,000 workers.
+
+Usage: python benchmarks/ray_scaling.py [--config tiny] [--steps 5] [--repeats 3]
+         [--sizes-kb 10 100 1000 10000] [--json OUT]
+"""
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: one thread here as in the workers (see ray_pool.SINGLE_THREAD_ENV).
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ray
+
+from learned_opt.meta_train import config as config_lib
+from learned_opt.meta_train.cli_meta import resolve_config_path
+from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
+from learned_opt.meta_train.outer import MetaTrainer
+from learned_opt.meta_train.ray_pool import RayMetaTrainer, connect
+
+
+# ---- part 1 ------------------------------------------------------------------------------
+def _time_steps(trainer, seed, carry, steps):
+  learner, states = carry
+  metrics = []
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    learner, states, m = trainer.step(seed, learner, states)
+    metrics.append(m)
+  jax.block_until_ready(learner.meta_params)
+  return time.perf_counter() - t0, (learner, states), jax.device_get(metrics)
+
+
+def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
+  lopt = config_lib.build_lopt(cfg.lopt)
+  est = config_lib.build_estimators(cfg, lopt)
+  opt = config_lib.build_outer_optimizer(cfg.outer)
+  trainers = {"in-process": MetaTrainer(est, opt, accumulate=cfg.outer.accumulate)}
+  for w in (1, 2):
+    trainers[f"ray {w} worker{'s' * (w > 1)}"] = RayMetaTrainer(
+        est, opt, accumulate=cfg.outer.accumulate, num_workers=w, cpus_per_worker=0.5,
+        compilation_cache_dir=cache_dir)
+  carries = {}
+  for name, tr in trainers.items():     # compile and warm up
+    carries[name] = tr.init(cfg.seed)
+    _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
+  rates = {name: [] for name in trainers}
+  overhead = []
+  for _ in range(repeats):
+    for name, tr in trainers.items():
+      wall, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
+      rates[name].append(steps * tr.inner_steps_per_outer_step / wall)
+      if name == "ray 1 worker":
+        overhead += [1 - m["worker_compute_s"] / (wall / steps) for m in ms]
+  for tr in trainers.values():
+    if hasattr(tr, "close"):
+      tr.close()
+  base = statistics.median(rates["in-process"])
+  out = {name: {"inner_steps_per_s": statistics.median(r), "ratio": statistics.median(r) / base}
+         for name, r in rates.items()}
+  out["ray_overhead_share"] = statistics.median(overhead)
+  out["step_s"] = trainers["in-process"].inner_steps_per_outer_step / base
+  return out
+
+
+# ---- part 2 ------------------------------------------------------------------------------
+class EchoLOpt:
+  """Meta-parameters of a given size (float32), nothing else."""
+
+  def __init__(self, num_floats: int):
+    self.num_floats = num_floats
+
+  def init_meta_params(self, key):
+    return {"w": jax.random.normal(key, (self.num_floats,), jnp.float32)}
+
+
+class EchoEstimator:
+  """The estimator interface without inner training: one theta-sized meta-gradient."""
+  unroll_length = 1
+
+  def __init__(self, num_floats: int, num_tasks: int):
+    self.lopt = EchoLOpt(num_floats)
+    self.num_tasks = num_tasks
+
+  def init(self, key, meta_params, *, indices=None):
+    return jnp.arange(self.num_tasks, dtype=jnp.int32) if indices is None else jnp.asarray(indices)
+
+  def estimate(self, key, meta_params, state):
+    n = state.shape[0]
+    return state, GradEstimate(grad=jax.tree.map(lambda x: 1e-3 * x, meta_params), meta_loss=jnp.zeros(()),
+                               num_pairs=jnp.asarray(n, jnp.int32),
+                               counts={k: jnp.zeros((), jnp.int32) for k in COUNT_NAMES})
+
+
+def transfer_overhead(sizes_kb, *, steps: int, num_tasks: int, workers: int, opt) -> list[dict]:
+  rows = []
+  for kb in sizes_kb:
+    est = [EchoEstimator(int(kb * 1000 / 4), num_tasks)]
+    row = {"size_kb": kb}
+    modes = {"in-process": lambda: MetaTrainer(est, opt),
+             "ray per-shard": lambda: RayMetaTrainer(est, opt, num_workers=workers,
+                                                     cpus_per_worker=0.5, compilation_cache_dir=None),
+             "ray combined": lambda: RayMetaTrainer(est, opt, num_workers=workers, cpus_per_worker=0.5,
+                                                    compilation_cache_dir=None, combine_on_worker=True)}
+    for name, make in modes.items():
+      tr = make()
+      carry = tr.init(0)
+      _, carry, _ = _time_steps(tr, 0, carry, 2)
+      walls = []
+      bcast = []
+      for _ in range(steps):
+        wall, carry, ms = _time_steps(tr, 0, carry, 1)
+        walls.append(wall)
+        bcast.append(ms[0].get("broadcast_s", 0.0))
+      row[name + " ms"] = 1e3 * statistics.median(walls)
+      if name != "in-process":
+        row[name + " broadcast ms"] = 1e3 * statistics.median(bcast)
+      if hasattr(tr, "close"):
+        tr.close()
+    rows.append(row)
+  return rows
+
+
+# ---- part 3 ------------------------------------------------------------------------------
+def fit_model(rows, *, num_tasks: int, workers: int) -> dict:
+  """Per-step Ray overhead = c0 + S * (beta + n_estimates * gamma), S in MB.
+
+  c0: fixed cost (round trips, scheduling); beta: broadcast per MB; gamma: learner
+  ingest (deserialize + combine) per MB per estimate. Two gather widths (num_tasks
+  per-shard estimates, `workers` combined ones) at the largest size separate beta and
+  gamma; c0 comes from the smallest size.
+  """
+  small, large = rows[0], rows[-1]
+  ovh = lambda r, mode: r[f"ray {mode} ms"] - r["in-process ms"]
+  c0 = min(ovh(small, "per-shard"), ovh(small, "combined"))
+  s = large["size_kb"] / 1000
+  gamma = max(0.0, (ovh(large, "per-shard") - ovh(large, "combined")) / ((num_tasks - workers) * s))
+  beta = max(0.0, (ovh(large, "combined") - c0) / s - workers * gamma)
+  per_result = max(0.0, (ovh(small, "per-shard") - ovh(small, "combined")) / (num_tasks - workers))
+  return {"c0_ms": c0, "beta_ms_per_mb": beta, "gamma_ms_per_mb": gamma,
+          "per_result_ms": per_result}
+
+
+def predict(model, *, compute_s: float, size_mb: float, workers: int) -> float:
+  """Steps of weak scaling (fixed work per worker) per second, per-worker combine."""
+  overhead_ms = (model["c0_ms"] + workers * model["per_result_ms"]
+                 + size_mb * (model["beta_ms_per_mb"] + workers * model["gamma_ms_per_mb"]))
+  return workers / (compute_s + 1e-3 * overhead_ms)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="tiny")
+  p.add_argument("--steps", type=int, default=5, help="outer steps per timed block")
+  p.add_argument("--repeats", type=int, default=3, help="interleaved blocks per mode")
+  p.add_argument("--sizes-kb", type=float, nargs="+", default=[10, 100, 1000, 10000])
+  p.add_argument("--echo-tasks", type=int, default=8, help="shards of the transfer test")
+  p.add_argument("--cache-dir", default="/tmp/lopt_ray_bench_cache")
+  p.add_argument("--json", default=None)
+  args = p.parse_args()
+  cfg = config_lib.load_config(resolve_config_path(args.config))
+  connect(num_cpus=2)   # local Ray, workers at the learner's priority
+  try:
+    tp = throughput(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
+    print(f"\n== throughput, config {cfg.name} (median of {args.repeats} interleaved blocks of "
+          f"{args.steps} outer steps; one XLA thread per process) ==")
+    print(f"{'mode':<16}{'inner steps/s':>15}{'vs in-process':>15}")
+    for name in ("in-process", "ray 1 worker", "ray 2 workers"):
+      print(f"{name:<16}{tp[name]['inner_steps_per_s']:>15,.0f}{tp[name]['ratio']:>14.1%}")
+    print(f"outer step (in-process): {1e3 * tp['step_s']:.0f} ms; Ray overhead per step with "
+          f"1 worker: {tp['ray_overhead_share']:.1%} of its wall time")
+
+    rows = transfer_overhead(args.sizes_kb, steps=args.steps, num_tasks=args.echo_tasks, workers=2,
+                             opt=config_lib.build_outer_optimizer(cfg.outer))
+    print(f"\n== per-step cost vs meta-parameter size (no inner training; {args.echo_tasks} shards, "
+          "2 workers; ms, median) ==")
+    print(f"{'size':>9}{'in-process':>12}{'ray/shard':>11}{'ray/worker':>12}{'broadcast':>11}"
+          f"{'overhead/shard':>16}{'overhead/worker':>17}")
+    for r in rows:
+      print(f"{r['size_kb']:>7.0f}KB{r['in-process ms']:>12.1f}{r['ray per-shard ms']:>11.1f}"
+            f"{r['ray combined ms']:>12.1f}{r['ray combined broadcast ms']:>11.2f}"
+            f"{r['ray per-shard ms'] - r['in-process ms']:>16.1f}"
+            f"{r['ray combined ms'] - r['in-process ms']:>17.1f}")
+
+    model = fit_model(rows, num_tasks=args.echo_tasks, workers=2)
+    print("\n== paper model (docs/ray.md), fitted: overhead = c0 + W*r + S*(beta + W*gamma) ==")
+    print(", ".join(f"{k} = {v:.3g}" for k, v in model.items()))
+    compute_s = tp["step_s"] / 2   # one worker's share of the config's step, 2 workers
+    print(f"weak scaling, compute {1e3 * compute_s:.0f} ms per worker-step: outer steps x workers / s")
+    print(f"{'workers':>8}" + "".join(f"{f'S={s:g}MB':>12}" for s in (0.01, 1.0, 10.0)))
+    for w in (1, 10, 100, 300, 1000):
+      print(f"{w:>8}" + "".join(f"{predict(model, compute_s=compute_s, size_mb=s, workers=w):>12.1f}"
+                                for s in (0.01, 1.0, 10.0)))
+  finally:
+    ray.shutdown()
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"throughput": tp, "transfer": rows, "model": model}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
