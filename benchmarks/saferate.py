@@ -1,0 +1,259 @@
+"""SafeRate benchmarks: step-time ratio, bound tightness, and the published MNIST figure.
+
+    python benchmarks/saferate.py                      # all three parts
+    python benchmarks/saferate.py --part speed         # SafeRate[Adam] vs Adam step time
+    python benchmarks/saferate.py --part tightness     # eta* vs a dense line search
+    python benchmarks/saferate.py --part mnist --data-dir /path/with/mnist --out figs/
+
+speed: jitted full-batch steps of Adam and SafeRate[Adam] on the MLP and transformer LM
+  task families (default configs), timed interleaved in one run; also the pieces
+  (value_and_grad, the enclosure pass alone) so the ratio can be attributed.
+tightness: along SafeRate[Adam] runs, the bound's minimizer eta* against the best eta of
+  a dense grid search of f on [0, 2 eta_max]; prints the distribution of eta_best / eta*.
+mnist: Streeter & Dillon (2022), Fig. 5 setting: a one-hidden-layer MLP on 1,000 MNIST
+  images (the t10k file's first 1,000), full batch, float64; Adam with its learning rate
+  tuned on a log grid (best final loss) vs SafeRate[Adam]; training loss on a log axis,
+  written to <out>/saferate_mnist.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from learned_opt.baselines import adam_direction, saferate_adam, saferate_step  # noqa: E402
+from learned_opt.bounds import taylor_bounds  # noqa: E402
+
+
+def _cast(tree, dtype):
+  return jax.tree_util.tree_map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _task(name, dtype):
+  from learned_opt.tasks import get_family
+  fam = get_family(name)
+  task = fam.task(fam.default_cfg())
+  params = _cast(task.init(jax.random.key(0)), dtype)
+  batch = _cast(task.full_batch(), dtype)
+  return params, (lambda p: task.loss(p, jax.random.key(0), batch))
+
+
+def _timeit(fn, args, repeats):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def speed(args):
+  print("== speed: median seconds per full-batch step (jitted), ratio to Adam ==")
+  for name in args.speed_tasks.split(","):
+    for dtype in (jnp.float32, jnp.float64):
+      params, loss = _task(name, dtype)
+      adam, safe = optax.adam(1e-3), saferate_adam()
+      sa, ss = adam.init(params), safe.init(params)
+      d = jax.tree_util.tree_map(lambda x: -jnp.sign(x) * 1e-3, params)
+
+      @jax.jit
+      def adam_step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = adam.update(g, s, p)
+        return optax.apply_updates(p, u), s, v
+
+      @jax.jit
+      def safe_step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = safe.update(g, s, p, value_fn=loss)
+        return optax.apply_updates(p, u), s, v
+
+      pieces = {
+          "forward": (jax.jit(loss), (params,)),
+          "value_and_grad": (jax.jit(jax.value_and_grad(loss)), (params,)),
+          "bound pass": (jax.jit(lambda p, d: taylor_bounds(loss, p, d, 1e-2)), (params, d)),
+          "adam step": (adam_step, (params, sa)),
+          "saferate[adam] step": (safe_step, (params, ss)),
+      }
+      t0 = time.perf_counter()
+      for fn, a in pieces.values():  # compile everything first
+        jax.block_until_ready(fn(*a))
+      compile_s = time.perf_counter() - t0
+      # Interleave the repeats so load changes on a shared machine hit both alike.
+      times = {k: [] for k in pieces}
+      for _ in range(args.repeats):
+        for k, (fn, a) in pieces.items():
+          times[k].append(_timeit(fn, a, 1))
+      med = {k: float(np.median(v)) for k, v in times.items()}
+      base = med["adam step"]
+      print(f"{name} {jnp.dtype(dtype).name} (compile of all pieces {compile_s:.0f}s)")
+      for k, v in med.items():
+        print(f"  {k:22s} {v * 1e3:9.2f} ms   {v / base:5.2f}x Adam step"
+              f"   {v / med['forward']:6.2f}x forward")
+      print(f"  => SafeRate[Adam] / Adam = {med['saferate[adam] step'] / base:.2f}x")
+
+
+def tightness(args):
+  print("== tightness: eta_best / eta* (dense search of f on [0, 2 eta_max], 400 points) ==")
+  for name in args.tight_tasks.split(","):
+    params, loss = _task(name, jnp.float64)
+    tx = saferate_adam()
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+      g = jax.grad(loss)(p)
+      u, s = tx.update(g, s, p, value_fn=loss)
+      return optax.apply_updates(p, u), s
+
+    direction_tx = adam_direction()  # SafeRate[Adam]'s direction, same state layout
+
+    @jax.jit
+    def probe(p, s):
+      """eta* of the next SafeRate step and the best eta of a dense search of f."""
+      d, _ = direction_tx.update(jax.grad(loss)(p), s.direction_state, p)
+      t = s.max_step_size
+      eta, info = saferate_step(loss, p, d, t)
+      grid = jnp.linspace(0.0, 2.0, 401)[1:] * t
+      f = jax.vmap(lambda e: loss(jax.tree_util.tree_map(lambda a, v: a + e * v, p, d)))(grid)
+      return eta, grid[jnp.argmin(f)], jnp.min(f) < info.value, info.finite
+
+    ratios = []
+    for i in range(args.tight_steps):
+      if i % args.tight_every == 0 and i > 0:
+        eta, best, improves, ok = probe(params, state)
+        if bool(ok) and float(eta) > 0 and bool(improves):
+          ratios.append(float(best) / float(eta))
+      params, state = step(params, state)
+    r = np.asarray(ratios)
+    q = np.quantile(r, [0.1, 0.25, 0.5, 0.75, 0.9]) if len(r) else [np.nan] * 5
+    print(f"{name}: {len(r)} probes over {args.tight_steps} steps; eta_best/eta* quantiles "
+          f"10/25/50/75/90%: " + " ".join(f"{x:.2f}" for x in q)
+          + f"; within 2x: {np.mean(r <= 2):.0%}, within 4x: {np.mean(r <= 4):.0%}")
+
+
+def _mnist(data_dir, n):
+  from learned_opt.tasks.datasets import read_idx
+  directory = pathlib.Path(data_dir) / "mnist" if (pathlib.Path(data_dir) / "mnist").is_dir() \
+      else pathlib.Path(data_dir)
+  x = read_idx(directory / "t10k-images-idx3-ubyte.gz")[:n].reshape(n, -1) / 255.0
+  y = read_idx(directory / "t10k-labels-idx1-ubyte.gz")[:n].astype(np.int32)
+  return jnp.asarray(x, jnp.float64), jnp.asarray(y)
+
+
+def _mlp_loss(x, y, act):
+  acts = {"softplus": jax.nn.softplus, "relu": jax.nn.relu, "tanh": jnp.tanh,
+          "sigmoid": jax.nn.sigmoid}
+
+  def loss(p):
+    h = acts[act](x @ p["w1"] + p["b1"])
+    logits = h @ p["w2"] + p["b2"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+  return loss
+
+
+def _run(tx, loss, params, steps, chunk=100):
+  @jax.jit
+  def many(p, s):
+    def body(carry, _):
+      p, s = carry
+      v, g = jax.value_and_grad(loss)(p)
+      u, s = tx.update(g, s, p, value_fn=loss)
+      return (optax.apply_updates(p, u), s), v
+    (p, s), vs = jax.lax.scan(body, (p, s), None, length=chunk)
+    return p, s, vs
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(steps // chunk):
+    params, state, vs = many(params, state)
+    losses.append(np.asarray(vs))
+  return np.concatenate(losses + [[float(loss(params))]])
+
+
+def mnist(args):
+  data_dir = args.data_dir or os.environ.get("LOPT_DATA_DIR")
+  if not data_dir:
+    raise SystemExit("mnist part: pass --data-dir (a folder with mnist/t10k-*-ubyte.gz) or set LOPT_DATA_DIR")
+  x, y = _mnist(data_dir, args.mnist_examples)
+  loss = _mlp_loss(x, y, args.activation)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  h = args.hidden
+  params = {"w1": jax.random.normal(k1, (784, h), jnp.float64) / np.sqrt(784.0),
+            "b1": jnp.zeros((h,), jnp.float64),
+            "w2": jax.random.normal(k2, (h, 10), jnp.float64) / np.sqrt(h),
+            "b2": jnp.zeros((10,), jnp.float64)}
+  print(f"== mnist: {args.mnist_examples} images, 784-{h}-10 {args.activation} MLP, full batch, "
+        f"float64, {args.mnist_steps} steps ==")
+  grid = [float(s) for s in args.adam_grid.split(",")]
+  adam_runs = {}
+  for lr in grid:
+    t0 = time.perf_counter()
+    adam_runs[lr] = _run(optax.adam(lr), loss, params, args.mnist_steps)
+    print(f"  adam lr={lr:g}: final {adam_runs[lr][-1]:.3e}, min {np.nanmin(adam_runs[lr]):.3e} "
+          f"({time.perf_counter() - t0:.0f}s)")
+  finite = {lr: r for lr, r in adam_runs.items() if np.isfinite(r[-1])}
+  best_lr = min(finite, key=lambda lr: finite[lr][-1])
+  t0 = time.perf_counter()
+  safe = _run(saferate_adam(), loss, params, args.mnist_steps)
+  print(f"  saferate[adam]: final {safe[-1]:.3e} ({time.perf_counter() - t0:.0f}s); increases: "
+        f"{int(np.sum(np.diff(safe) > 0))}, largest {max(0.0, float(np.max(np.diff(safe)))):.2e}")
+  print(f"  tuned adam (lr={best_lr:g}) final {adam_runs[best_lr][-1]:.3e}; "
+        f"saferate/adam final-loss ratio {safe[-1] / adam_runs[best_lr][-1]:.3g}")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.semilogy(adam_runs[best_lr], label=f"Adam (tuned lr={best_lr:g})")
+  ax.semilogy(safe, label="SafeRate[Adam]")
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (full batch)")
+  ax.set_title(f"MNIST {args.mnist_examples} images, 1 hidden layer ({h}, {args.activation}), float64")
+  ax.legend()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(out / "saferate_mnist.png", dpi=120)
+  np.savez(out / "saferate_mnist.npz", saferate=safe, adam=adam_runs[best_lr], adam_lr=best_lr)
+  print(f"  wrote {out / 'saferate_mnist.png'}")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--part", default="speed,tightness,mnist")
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--speed-tasks", default="mlp_synthetic,transformer_synthetic")
+  p.add_argument("--tight-tasks", default="logreg_synthetic,mlp_synthetic")
+  p.add_argument("--tight-steps", type=int, default=200)
+  p.add_argument("--tight-every", type=int, default=5)
+  p.add_argument("--data-dir", default=None, help="folder with mnist/ (default: $LOPT_DATA_DIR)")
+  p.add_argument("--out", default="benchmarks/out")
+  p.add_argument("--mnist-examples", type=int, default=1000)
+  p.add_argument("--mnist-steps", type=int, default=2000)
+  p.add_argument("--hidden", type=int, default=100)
+  p.add_argument("--activation", default="softplus", choices=["softplus", "relu", "tanh", "sigmoid"])
+  p.add_argument("--adam-grid", default="3e-4,1e-3,3e-3,1e-2,3e-2")
+  args = p.parse_args()
+  parts = args.part.split(",")
+  unknown = set(parts) - {"speed", "tightness", "mnist"}
+  if unknown:
+    raise SystemExit(f"unknown --part {sorted(unknown)}; expected speed, tightness, mnist")
+  for part in ("speed", "tightness", "mnist"):
+    if part in parts:
+      globals()[part](args)
+
+
+if __name__ == "__main__":
+  main()
