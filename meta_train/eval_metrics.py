@@ -10,9 +10,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-# Relative slack under which a full-batch loss step counts as "not an increase": float32
-# rounding of a loss that has converged is not an increase.
+# Relative slack under which a full-batch loss step counts as "not an increase" (also
+# used for divergence). A float32 loss is a sum of terms about as large as the initial
+# loss (cross-entropy: log-sum-exp minus a logit, both ~2.3), so its rounding error is
+# ~eps32 * |initial loss| in absolute terms, which is ~1e-5 of a loss that has come down
+# 1000x; `ROUNDING` (~8 ulps) of the larger of the current and initial loss is that slack.
 MONOTONE_RTOL = 1e-5
+ROUNDING = 1e-6
 
 
 def finite_or_none(x) -> Optional[float]:
@@ -47,6 +51,14 @@ def diverged(curves: np.ndarray, final_losses: np.ndarray) -> bool:
     return True
   # Rounding slack: a run that never moved must not read as diverged.
   return bool(np.any(final_losses > curves[:, 0] + MONOTONE_RTOL * np.abs(curves[:, 0])))
+
+
+def is_monotone(curves: np.ndarray) -> bool:
+  """No step-to-step increase beyond float32 rounding (see `ROUNDING`), on any seed."""
+  if not np.all(np.isfinite(curves)):
+    return False
+  scale = np.maximum(np.abs(curves[:, :-1]), np.abs(curves[:, :1]))
+  return bool(np.all(curves[:, 1:] - curves[:, :-1] <= ROUNDING * scale))
 
 
 def max_relative_increase(curves: np.ndarray) -> float:

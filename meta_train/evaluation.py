@@ -158,7 +158,7 @@ def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Ca
     if fb:
       inc = M.max_relative_increase(curves)
       res["max_relative_increase"] = M.finite_or_none(inc)
-      res["monotone"] = bool(inc <= M.MONOTONE_RTOL)
+      res["monotone"] = M.is_monotone(curves)
     results[cand.name] = res
     if on_candidate is not None:
       on_candidate(cand.name)

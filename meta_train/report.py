@@ -169,14 +169,17 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
   if full:
     lines += ["## Full-batch tasks: does the loss ever increase?", "",
               "SafeRate certifies each step with Taylor enclosures of the loss, so on a full "
-              "batch its loss may never increase. Largest step-to-step relative increase "
-              "over all steps and seeds (0 = monotone).", "",
+              "batch its loss may never increase. Largest step-to-step increase relative to "
+              "the loss, over all steps and seeds (0: it never increased); *monotone* when "
+              "no increase exceeds float32 rounding (1e-6 of the larger of the current and "
+              "initial loss).", "",
               "| task | " + " | ".join(opts) + " |", "|---|" + "---:|" * len(opts)]
     for n, t in full.items():
       cells = []
       for opt in opts:
         r = t["optimizers"].get(opt)
         cells.append("-" if r is None else _fmt(r.get("max_relative_increase"), ".2g")
+                     + (" *monotone*" if r.get("monotone") else "")
                      + (" (diverged)" if r["diverged"] else ""))
       lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("")

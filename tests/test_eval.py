@@ -40,6 +40,10 @@ def test_divergence_and_monotonicity():
   assert M.max_relative_increase(ok) == 0.0
   assert M.max_relative_increase(np.array([[2.0, 1.0, 1.5]])) == pytest.approx(0.5)
   assert M.max_relative_increase(np.array([[2.0, np.inf]])) == math.inf
+  # Float32 rounding of a converged loss (initial 2.3) is not an increase; 1% is.
+  assert M.is_monotone(np.array([[2.3, 1.0, 0.0056, 0.0056 + 5.6e-8]]))
+  assert not M.is_monotone(np.array([[2.3, 1.0, 0.0056, 0.0057]]))
+  assert not M.is_monotone(np.array([[2.3, np.nan]]))
 
 
 def test_summary_fraction_median_and_worst_case():
