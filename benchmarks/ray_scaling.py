@@ -33,6 +33,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import ray
 
 from learned_opt.meta_train import config as config_lib
@@ -44,14 +46,16 @@ from learned_opt.meta_train.ray_pool import RayMetaTrainer, connect
 
 # ---- part 1 ------------------------------------------------------------------------------
 def _time_steps(trainer, seed, carry, steps):
+  """Runs `steps` outer steps; returns per-step wall times, the carry and metrics."""
   learner, states = carry
-  metrics = []
-  t0 = time.perf_counter()
+  walls, metrics = [], []
   for _ in range(steps):
+    t0 = time.perf_counter()
     learner, states, m = trainer.step(seed, learner, states)
+    jax.block_until_ready(learner.meta_params)
+    walls.append(time.perf_counter() - t0)
     metrics.append(m)
-  jax.block_until_ready(learner.meta_params)
-  return time.perf_counter() - t0, (learner, states), jax.device_get(metrics)
+  return walls, (learner, states), jax.device_get(metrics)
 
 
 def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
@@ -68,22 +72,40 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
     carries[name] = tr.init(cfg.seed)
     _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
   rates = {name: [] for name in trainers}
-  overhead = []
+  overhead = []     # (Ray's broadcast + gather ms, share of the step) per 1-worker step
   for _ in range(repeats):
     for name, tr in trainers.items():
-      wall, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
-      rates[name].append(steps * tr.inner_steps_per_outer_step / wall)
+      walls, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
+      rates[name].append(steps * tr.inner_steps_per_outer_step / sum(walls))
       if name == "ray 1 worker":
-        overhead += [1 - m["worker_compute_s"] / (wall / steps) for m in ms]
+        overhead += [(w - m["worker_compute_s"], 1 - m["worker_compute_s"] / w) for w, m in zip(walls, ms)]
   for tr in trainers.values():
     if hasattr(tr, "close"):
       tr.close()
-  base = statistics.median(rates["in-process"])
-  out = {name: {"inner_steps_per_s": statistics.median(r), "ratio": statistics.median(r) / base}
-         for name, r in rates.items()}
-  out["ray_overhead_share"] = statistics.median(overhead)
-  out["step_s"] = trainers["in-process"].inner_steps_per_outer_step / base
+  out = {}
+  for name, r in rates.items():
+    out[name] = {"median": statistics.median(r), "best": max(r),
+                 "ratio_median": statistics.median(r) / statistics.median(rates["in-process"]),
+                 "ratio_best": max(r) / max(rates["in-process"])}
+  out["overhead_ms_median"] = 1e3 * statistics.median(o[0] for o in overhead)
+  out["overhead_ms_min"] = 1e3 * min(o[0] for o in overhead)
+  out["overhead_share_median"] = statistics.median(o[1] for o in overhead)
+  out["overhead_share_min"] = min(o[1] for o in overhead)
+  out["step_s"] = trainers["in-process"].inner_steps_per_outer_step / statistics.median(rates["in-process"])
   return out
+
+
+def call_cost_ms(calls: int = 200) -> float:
+  """Learner time per actor call when calls are pipelined over 2 idle actors (an upper
+  bound on what each extra worker costs the learner per step)."""
+  tr = RayMetaTrainer([EchoEstimator(16, 2)], optax.sgd(1e-3), num_workers=2, cpus_per_worker=0.5, compilation_cache_dir=None)
+  actors = [s.actor for s in tr.scheduler.slots]
+  ray.get([a.pid.remote() for a in actors])
+  t0 = time.perf_counter()
+  ray.get([actors[i % 2].pid.remote() for i in range(calls)])
+  cost = 1e3 * (time.perf_counter() - t0) / calls
+  tr.close()
+  return cost
 
 
 # ---- part 2 ------------------------------------------------------------------------------
@@ -98,7 +120,8 @@ class EchoLOpt:
 
 
 class EchoEstimator:
-  """The estimator interface without inner training: one theta-sized meta-gradient."""
+  """The estimator interface without inner training: one theta-sized meta-gradient,
+  computed with numpy so that the worker's own time is ~0 and a step is pure transfer."""
   unroll_length = 1
 
   def __init__(self, num_floats: int, num_tasks: int):
@@ -106,13 +129,14 @@ class EchoEstimator:
     self.num_tasks = num_tasks
 
   def init(self, key, meta_params, *, indices=None):
-    return jnp.arange(self.num_tasks, dtype=jnp.int32) if indices is None else jnp.asarray(indices)
+    return np.arange(self.num_tasks, dtype=np.int32) if indices is None else np.asarray(indices)
 
   def estimate(self, key, meta_params, state):
-    n = state.shape[0]
-    return state, GradEstimate(grad=jax.tree.map(lambda x: 1e-3 * x, meta_params), meta_loss=jnp.zeros(()),
-                               num_pairs=jnp.asarray(n, jnp.int32),
-                               counts={k: jnp.zeros((), jnp.int32) for k in COUNT_NAMES})
+    zero = np.zeros((), np.int32)
+    return state, GradEstimate(grad={k: 1e-3 * np.asarray(x) for k, x in meta_params.items()},
+                               meta_loss=np.zeros((), np.float32),
+                               num_pairs=np.asarray(state.shape[0], np.int32),
+                               counts={k: zero for k in COUNT_NAMES})
 
 
 def transfer_overhead(sizes_kb, *, steps: int, num_tasks: int, workers: int, opt) -> list[dict]:
@@ -129,15 +153,10 @@ def transfer_overhead(sizes_kb, *, steps: int, num_tasks: int, workers: int, opt
       tr = make()
       carry = tr.init(0)
       _, carry, _ = _time_steps(tr, 0, carry, 2)
-      walls = []
-      bcast = []
-      for _ in range(steps):
-        wall, carry, ms = _time_steps(tr, 0, carry, 1)
-        walls.append(wall)
-        bcast.append(ms[0].get("broadcast_s", 0.0))
+      walls, carry, ms = _time_steps(tr, 0, carry, steps)
       row[name + " ms"] = 1e3 * statistics.median(walls)
       if name != "in-process":
-        row[name + " broadcast ms"] = 1e3 * statistics.median(bcast)
+        row[name + " broadcast ms"] = 1e3 * statistics.median(m["broadcast_s"] for m in ms)
       if hasattr(tr, "close"):
         tr.close()
     rows.append(row)
@@ -145,28 +164,28 @@ def transfer_overhead(sizes_kb, *, steps: int, num_tasks: int, workers: int, opt
 
 
 # ---- part 3 ------------------------------------------------------------------------------
-def fit_model(rows, *, num_tasks: int, workers: int) -> dict:
-  """Per-step Ray overhead = c0 + S * (beta + n_estimates * gamma), S in MB.
+def fit_model(rows, *, num_tasks: int, workers: int, call_ms: float) -> dict:
+  """Per-step Ray overhead = c0 + W * r + S * (beta + W * gamma), S in MB, W workers.
 
-  c0: fixed cost (round trips, scheduling); beta: broadcast per MB; gamma: learner
-  ingest (deserialize + combine) per MB per estimate. Two gather widths (num_tasks
-  per-shard estimates, `workers` combined ones) at the largest size separate beta and
-  gamma; c0 comes from the smallest size.
+  r: learner time per worker call (measured with pipelined no-op calls); c0: the rest
+  of the fixed cost, from the smallest size; beta: the broadcast's cost per MB (the
+  `ray.put` time at the largest size); gamma: learner ingest (receive, deserialize,
+  combine) per MB per estimate, from the two gather widths at the largest size
+  (`num_tasks` per-shard estimates vs `workers` combined ones).
   """
   small, large = rows[0], rows[-1]
   ovh = lambda r, mode: r[f"ray {mode} ms"] - r["in-process ms"]
-  c0 = min(ovh(small, "per-shard"), ovh(small, "combined"))
   s = large["size_kb"] / 1000
   gamma = max(0.0, (ovh(large, "per-shard") - ovh(large, "combined")) / ((num_tasks - workers) * s))
-  beta = max(0.0, (ovh(large, "combined") - c0) / s - workers * gamma)
-  per_result = max(0.0, (ovh(small, "per-shard") - ovh(small, "combined")) / (num_tasks - workers))
-  return {"c0_ms": c0, "beta_ms_per_mb": beta, "gamma_ms_per_mb": gamma,
-          "per_result_ms": per_result}
+  beta = large["ray combined broadcast ms"] / s
+  c0 = max(0.0, min(ovh(small, "per-shard"), ovh(small, "combined")) - workers * call_ms)
+  return {"c0_ms": c0, "r_ms": call_ms, "beta_ms_per_mb": beta, "gamma_ms_per_mb": gamma}
 
 
 def predict(model, *, compute_s: float, size_mb: float, workers: int) -> float:
-  """Steps of weak scaling (fixed work per worker) per second, per-worker combine."""
-  overhead_ms = (model["c0_ms"] + workers * model["per_result_ms"]
+  """Outer steps x workers per second under weak scaling (fixed work per worker), one
+  combined estimate per worker."""
+  overhead_ms = (model["c0_ms"] + workers * model["r_ms"]
                  + size_mb * (model["beta_ms_per_mb"] + workers * model["gamma_ms_per_mb"]))
   return workers / (compute_s + 1e-3 * overhead_ms)
 
@@ -179,19 +198,26 @@ def main():
   p.add_argument("--sizes-kb", type=float, nargs="+", default=[10, 100, 1000, 10000])
   p.add_argument("--echo-tasks", type=int, default=8, help="shards of the transfer test")
   p.add_argument("--cache-dir", default="/tmp/lopt_ray_bench_cache")
+  p.add_argument("--compute-ms", type=float, default=None,
+                 help="skip part 1 and use this per-step compute time in the model")
   p.add_argument("--json", default=None)
   args = p.parse_args()
   cfg = config_lib.load_config(resolve_config_path(args.config))
   connect(num_cpus=2)   # local Ray, workers at the learner's priority
   try:
-    tp = throughput(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
-    print(f"\n== throughput, config {cfg.name} (median of {args.repeats} interleaved blocks of "
-          f"{args.steps} outer steps; one XLA thread per process) ==")
-    print(f"{'mode':<16}{'inner steps/s':>15}{'vs in-process':>15}")
-    for name in ("in-process", "ray 1 worker", "ray 2 workers"):
-      print(f"{name:<16}{tp[name]['inner_steps_per_s']:>15,.0f}{tp[name]['ratio']:>14.1%}")
-    print(f"outer step (in-process): {1e3 * tp['step_s']:.0f} ms; Ray overhead per step with "
-          f"1 worker: {tp['ray_overhead_share']:.1%} of its wall time")
+    tp = None
+    if args.compute_ms is None:
+      tp = throughput(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
+      print(f"\n== throughput, config {cfg.name} ({args.repeats} interleaved blocks of {args.steps} "
+            "outer steps; one XLA thread per process) ==")
+      print(f"{'mode':<16}{'median steps/s':>15}{'vs in-process':>15}{'best steps/s':>14}{'vs in-process':>15}")
+      for name in ("in-process", "ray 1 worker", "ray 2 workers"):
+        r = tp[name]
+        print(f"{name:<16}{r['median']:>15,.0f}{r['ratio_median']:>15.1%}{r['best']:>14,.0f}{r['ratio_best']:>15.1%}")
+      print(f"outer step in-process: {1e3 * tp['step_s']:.0f} ms (median). Ray's broadcast + gather "
+            f"per step, 1 worker (step wall - worker compute): median {tp['overhead_ms_median']:.1f} ms "
+            f"= {tp['overhead_share_median']:.1%} of the step, best {tp['overhead_ms_min']:.1f} ms "
+            f"= {tp['overhead_share_min']:.1%}")
 
     rows = transfer_overhead(args.sizes_kb, steps=args.steps, num_tasks=args.echo_tasks, workers=2,
                              opt=config_lib.build_outer_optimizer(cfg.outer))
@@ -205,20 +231,26 @@ def main():
             f"{r['ray per-shard ms'] - r['in-process ms']:>16.1f}"
             f"{r['ray combined ms'] - r['in-process ms']:>17.1f}")
 
-    model = fit_model(rows, num_tasks=args.echo_tasks, workers=2)
+    call_ms = call_cost_ms()
+    model = fit_model(rows, num_tasks=args.echo_tasks, workers=2, call_ms=call_ms)
     print("\n== paper model (docs/ray.md), fitted: overhead = c0 + W*r + S*(beta + W*gamma) ==")
     print(", ".join(f"{k} = {v:.3g}" for k, v in model.items()))
-    compute_s = tp["step_s"] / 2   # one worker's share of the config's step, 2 workers
-    print(f"weak scaling, compute {1e3 * compute_s:.0f} ms per worker-step: outer steps x workers / s")
-    print(f"{'workers':>8}" + "".join(f"{f'S={s:g}MB':>12}" for s in (0.01, 1.0, 10.0)))
+    compute_s = tp["step_s"] if tp else 1e-3 * args.compute_ms
+    print(f"weak scaling, {1e3 * compute_s:.0f} ms of compute per worker per step (the config's "
+          "step): outer steps x workers / s; learner-bound from W* = compute / (r + S*gamma)")
+    sizes = (0.003, 1.0, 10.0)
+    print(f"{'workers':>8}" + "".join(f"{f'S={s:g}MB':>12}" for s in sizes))
     for w in (1, 10, 100, 300, 1000):
       print(f"{w:>8}" + "".join(f"{predict(model, compute_s=compute_s, size_mb=s, workers=w):>12.1f}"
-                                for s in (0.01, 1.0, 10.0)))
+                                for s in sizes))
+    print(f"{'W*':>8}" + "".join(f"{1e3 * compute_s / (model['r_ms'] + s * model['gamma_ms_per_mb']):>12.0f}"
+                                 for s in sizes))
   finally:
     ray.shutdown()
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"throughput": tp, "transfer": rows, "model": model}, f, indent=1)
+  return 0
 
 
 if __name__ == "__main__":
