@@ -31,6 +31,10 @@ def _order(results: dict) -> list[str]:
   return [b for b in BASELINES if b in names] + [n for n in names if n not in BASELINES]
 
 
+def _color(i: int) -> str:
+  return f"C{i % 10}"
+
+
 def plot_curves(results: dict, path: str) -> None:
   """One panel per task: the seed-mean training loss of every optimizer (log scale)."""
   import matplotlib
@@ -43,14 +47,14 @@ def plot_curves(results: dict, path: str) -> None:
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
   for ax, (name, t) in zip(axes.flat, tasks.items()):
     positive = True
-    for opt in _order(results):
+    for i, opt in enumerate(_order(results)):
       r = t["optimizers"].get(opt)
       if r is None:
         continue
       ys = [math.nan if y is None else y for y in r["curve"]]
       positive &= all(y > 0 for y in ys if not math.isnan(y))
       label = opt + (f" (lr {r['lr']:.2g})" if r.get("lr") else "")
-      ax.plot(r["curve_steps"], ys, label=label, lw=1.2)
+      ax.plot(r["curve_steps"], ys, label=label, lw=1.2, color=_color(i))  # same color in every panel
     if positive:
       ax.set_yscale("log")
     ax.set_title(name, fontsize=9)
@@ -71,7 +75,8 @@ def plot_speedups(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
   tasks = list(results["tasks"])
-  opts = [o for o in _order(results) if o != evaluation.REFERENCE]
+  order = _order(results)
+  opts = [o for o in order if o != evaluation.REFERENCE]
   fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.4))
   width = 0.8 / max(len(opts), 1)
   for i, opt in enumerate(opts):
@@ -79,7 +84,8 @@ def plot_speedups(results: dict, path: str) -> None:
     for t in tasks:
       r = results["tasks"][t]["optimizers"].get(opt, {})
       vals.append(r.get("speedup_bound") or math.nan)
-    ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, vals, width, label=opt)
+    ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, vals, width, label=opt,
+           color=_color(order.index(opt)))
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_yscale("log")
   ax.set_xticks(np.arange(len(tasks)))
