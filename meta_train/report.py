@@ -80,17 +80,23 @@ def plot_speedups(results: dict, path: str) -> None:
   fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.4))
   width = 0.8 / max(len(opts), 1)
   for i, opt in enumerate(opts):
-    vals, hatch = [], []
+    vals, reached = [], []
     for t in tasks:
       r = results["tasks"][t]["optimizers"].get(opt, {})
       vals.append(r.get("speedup_bound") or math.nan)
-    ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, vals, width, label=opt,
-           color=_color(order.index(opt)))
+      reached.append(r.get("speedup") is not None)
+    bars = ax.bar(np.arange(len(tasks)) + i * width - 0.4 + width / 2, vals, width, label=opt,
+                  color=_color(order.index(opt)))
+    for bar, ok in zip(bars, reached):
+      if not ok:  # never reached Adam's final loss: the bar is only an upper bound
+        bar.set_hatch("///")
+        bar.set_alpha(0.45)
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_yscale("log")
   ax.set_xticks(np.arange(len(tasks)))
   ax.set_xticklabels(tasks, rotation=25, ha="right", fontsize=7)
   ax.set_ylabel("speedup vs tuned Adam", fontsize=8)
+  ax.set_title("hatched: never reached tuned Adam's final loss (bar = upper bound)", fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=DPI)
