@@ -17,7 +17,7 @@ from learned_opt.meta_train import evaluation
 REPORT_FILE = "report.md"
 CURVES_PNG = "curves.png"
 SPEEDUP_PNG = "speedup.png"
-DPI = 72  # small PNGs: they are committed with example reports
+DPI = 60  # small PNGs: they are committed with example reports
 
 
 def _fmt(x: Optional[float], spec: str = ".3g") -> str:
@@ -44,7 +44,7 @@ def plot_curves(results: dict, path: str) -> None:
   n = len(tasks)
   cols = min(3, n)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
   for ax, (name, t) in zip(axes.flat, tasks.items()):
     positive = True
     for i, opt in enumerate(_order(results)):
