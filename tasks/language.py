@@ -9,8 +9,8 @@ from flax import struct
 
 from learned_opt.tasks import base, models
 from learned_opt.tasks.datasets import TextData
-from learned_opt.tasks.sampling import (batch_weights, int_uniform, log_uniform, scale_weights,
-                                        weighted_cross_entropy)
+from learned_opt.tasks.sampling import (batch_weights, default_batch_and_init, int_uniform,
+                                        sample_batch_and_init, scale_weights, weighted_cross_entropy)
 
 
 class LanguageModelFamily(base.TaskFamily):
@@ -63,13 +63,10 @@ class LanguageModelFamily(base.TaskFamily):
     return jnp.log(float(self.data.vocab_size))
 
   def _common(self, key):
-    k_bs, k_init = jax.random.split(key)
-    return {"batch_size": int_uniform(k_bs, *self.batch_size_range),
-            "init_scale": log_uniform(k_init, 0.5, 2.0)}
+    return sample_batch_and_init(key, self.batch_size_range)
 
   def _common_default(self):
-    return {"batch_size": jnp.asarray(self.batch_size_range[1], jnp.int32),
-            "init_scale": jnp.asarray(1.0, jnp.float32)}
+    return default_batch_and_init(self.batch_size_range)
 
   def _dummy_tokens(self):
     return jnp.zeros((1, self.seq_len), jnp.int32)

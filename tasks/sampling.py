@@ -37,3 +37,14 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
   weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (losses.ndim - weights.ndim)),
                              losses.shape)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def sample_batch_and_init(key: jax.Array, batch_size_range: tuple[int, int]) -> dict:
+  """The config entries every dataset family samples: batch size and init scale."""
+  k_bs, k_init = jax.random.split(key)
+  return {"batch_size": int_uniform(k_bs, *batch_size_range), "init_scale": log_uniform(k_init, 0.5, 2.0)}
+
+
+def default_batch_and_init(batch_size_range: tuple[int, int]) -> dict:
+  return {"batch_size": jnp.asarray(batch_size_range[1], jnp.int32),
+          "init_scale": jnp.asarray(1.0, jnp.float32)}
