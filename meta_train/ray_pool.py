@@ -3,8 +3,8 @@
 `RayMetaTrainer` has the interface of `MetaTrainer` (`init(seed)`, `step(seed, learner,
 states)`), so the runner drives either. The learner keeps theta and the outer optimizer;
 each worker actor keeps its *shards* of the estimators' pools and, once per outer step,
-receives theta through the object store (one `ray.put`, read by every worker), runs
-its shards' truncations and returns one `GradEstimate` per shard. What travels is
+receives theta (one `ray.put` read by every worker; small theta rides in the call),
+runs its shards' truncations and returns their `GradEstimate`s stacked. What travels is
 seeds, not noise: a worker rebuilds every key from (seed, step, accumulation index,
 family) exactly as the in-process trainer does, and each task folds in its global
 index, so a shard's estimate does not depend on which worker ran it.
