@@ -41,7 +41,7 @@ from learned_opt.meta_train import config as config_lib
 from learned_opt.meta_train.cli_meta import resolve_config_path
 from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
 from learned_opt.meta_train.outer import MetaTrainer
-from learned_opt.meta_train.ray_pool import RayMetaTrainer, connect
+from learned_opt.meta_train.ray_pool import SINGLE_THREAD_ENV, RayMetaTrainer, connect
 
 
 # ---- part 1 ------------------------------------------------------------------------------
@@ -58,6 +58,25 @@ def _time_steps(trainer, seed, carry, steps):
   return walls, (learner, states), jax.device_get(metrics)
 
 
+class InProcessInActor:
+  """`MetaTrainer` running inside a Ray worker process: the in-process run under the
+  same OS scheduling as the workers (Ray's processes live in their own session, which
+  Linux's autogroup scheduler gives its own CPU share on a busy machine)."""
+
+  def __init__(self, cfg_dict: dict):
+    cfg = config_lib.config_from_dict(cfg_dict)
+    lopt = config_lib.build_lopt(cfg.lopt)
+    self.trainer = MetaTrainer(config_lib.build_estimators(cfg, lopt),
+                               config_lib.build_outer_optimizer(cfg.outer), accumulate=cfg.outer.accumulate)
+    self.seed = cfg.seed
+    self.carry = self.trainer.init(cfg.seed)
+    _, self.carry, _ = _time_steps(self.trainer, self.seed, self.carry, 2)
+
+  def run(self, steps: int) -> list:
+    walls, self.carry, _ = _time_steps(self.trainer, self.seed, self.carry, steps)
+    return walls
+
+
 def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   lopt = config_lib.build_lopt(cfg.lopt)
   est = config_lib.build_estimators(cfg, lopt)
@@ -67,18 +86,23 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
     trainers[f"ray {w} worker{'s' * (w > 1)}"] = RayMetaTrainer(
         est, opt, accumulate=cfg.outer.accumulate, num_workers=w, cpus_per_worker=0.5,
         compilation_cache_dir=cache_dir)
+  in_actor = ray.remote(InProcessInActor).options(
+      num_cpus=0.5, runtime_env={"env_vars": SINGLE_THREAD_ENV}).remote(config_lib.config_to_dict(cfg))
   carries = {}
   for name, tr in trainers.items():     # compile and warm up
     carries[name] = tr.init(cfg.seed)
     _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
-  rates = {name: [] for name in trainers}
+  rates = {name: [] for name in list(trainers) + ["in-process, in an actor"]}
   overhead = []     # (Ray's broadcast + gather ms, share of the step) per 1-worker step
+  per_step = trainers["in-process"].inner_steps_per_outer_step
   for _ in range(repeats):
     for name, tr in trainers.items():
       walls, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
-      rates[name].append(steps * tr.inner_steps_per_outer_step / sum(walls))
+      rates[name].append(steps * per_step / sum(walls))
       if name == "ray 1 worker":
         overhead += [(w - m["worker_compute_s"], 1 - m["worker_compute_s"] / w) for w, m in zip(walls, ms)]
+    rates["in-process, in an actor"].append(steps * per_step / sum(ray.get(in_actor.run.remote(steps))))
+  ray.kill(in_actor)
   for tr in trainers.values():
     if hasattr(tr, "close"):
       tr.close()
@@ -86,7 +110,9 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   for name, r in rates.items():
     out[name] = {"median": statistics.median(r), "best": max(r),
                  "ratio_median": statistics.median(r) / statistics.median(rates["in-process"]),
-                 "ratio_best": max(r) / max(rates["in-process"])}
+                 "ratio_best": max(r) / max(rates["in-process"]),
+                 "ratio_median_vs_actor": statistics.median(r) / statistics.median(rates["in-process, in an actor"]),
+                 "ratio_best_vs_actor": max(r) / max(rates["in-process, in an actor"])}
   out["overhead_ms_median"] = 1e3 * statistics.median(o[0] for o in overhead)
   out["overhead_ms_min"] = 1e3 * min(o[0] for o in overhead)
   out["overhead_share_median"] = statistics.median(o[1] for o in overhead)
@@ -210,10 +236,12 @@ def main():
       tp = throughput(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
       print(f"\n== throughput, config {cfg.name} ({args.repeats} interleaved blocks of {args.steps} "
             "outer steps; one XLA thread per process) ==")
-      print(f"{'mode':<16}{'median steps/s':>15}{'vs in-process':>15}{'best steps/s':>14}{'vs in-process':>15}")
-      for name in ("in-process", "ray 1 worker", "ray 2 workers"):
+      print(f"{'mode':<25}{'median steps/s':>15}{'vs in-process':>15}{'vs in actor':>13}"
+            f"{'best steps/s':>14}{'vs in-process':>15}{'vs in actor':>13}")
+      for name in ("in-process", "in-process, in an actor", "ray 1 worker", "ray 2 workers"):
         r = tp[name]
-        print(f"{name:<16}{r['median']:>15,.0f}{r['ratio_median']:>15.1%}{r['best']:>14,.0f}{r['ratio_best']:>15.1%}")
+        print(f"{name:<25}{r['median']:>15,.0f}{r['ratio_median']:>15.1%}{r['ratio_median_vs_actor']:>13.1%}"
+              f"{r['best']:>14,.0f}{r['ratio_best']:>15.1%}{r['ratio_best_vs_actor']:>13.1%}")
       print(f"outer step in-process: {1e3 * tp['step_s']:.0f} ms (median). Ray's broadcast + gather "
             f"per step, 1 worker (step wall - worker compute): median {tp['overhead_ms_median']:.1f} ms "
             f"= {tp['overhead_share_median']:.1%} of the step, best {tp['overhead_ms_min']:.1f} ms "
