@@ -106,7 +106,9 @@ def _load_learned(name: str):
   if name.endswith(".lopt") or os.sep in name:
     if not os.path.isfile(name):
       raise ValueError(f"learned optimizer file {name!r} does not exist")
-    label, path = os.path.basename(name).removesuffix(".lopt"), pathlib.Path(name)
+    path = pathlib.Path(name)
+    # A run's export is `<run>/final.lopt`: name it after the run.
+    label = path.parent.name if path.stem == "final" and path.parent.name else path.stem
   elif name in learned_opt.list_pretrained():
     label, path = name, learned_opt.pretrained_path(name)
   else:
