@@ -33,8 +33,8 @@ import ray
 from flax import struct
 
 from learned_opt.meta_train import outer
-from learned_opt.meta_train.estimator_base import GradEstimate
-from learned_opt.meta_train.ray_scheduler import Scheduler, Shard, assign_shards, make_shards
+from learned_opt.meta_train.ray_scheduler import (Scheduler, Shard, assign_shards, combine_stacked,
+                                                   combine_units, make_shards, stack_estimates)
 
 log = logging.getLogger("lopt.ray")
 
@@ -73,27 +73,6 @@ def from_host(tree: Any, template: Any) -> Any:
   def back(t, x):
     return jax.random.wrap_key_data(jnp.asarray(x)) if _is_key(t) else jnp.asarray(x)
   return jax.tree.map(back, template, tree)
-
-
-@jax.jit
-def stack_estimates(estimates: Sequence[GradEstimate]) -> GradEstimate:
-  """Estimates of one structure stacked into one with a leading axis [n, ...]."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *estimates)
-
-
-@jax.jit
-def combine_stacked(stacked: GradEstimate) -> GradEstimate:
-  """`combine_estimates` of the rows of a stacked estimate (pair-weighted mean).
-
-  One reduction over a fixed-length axis: for rows in a fixed order the result is the
-  same whichever workers the rows came from.
-  """
-  weights = stacked.num_pairs.astype(jnp.float32)
-  total = jnp.sum(weights)
-  mean = lambda x: jnp.tensordot(weights, x, axes=1) / total
-  return GradEstimate(grad=jax.tree.map(mean, stacked.grad), meta_loss=mean(stacked.meta_loss),
-                      num_pairs=jnp.sum(stacked.num_pairs),
-                      counts={k: jnp.sum(v) for k, v in stacked.counts.items()})
 
 
 # ---- the worker actor --------------------------------------------------------------------
@@ -294,7 +273,6 @@ class RayMetaTrainer:
                                accumulate=accumulate, quorum=quorum, timeout_s=timeout_s,
                                max_staleness=max_staleness, max_failures=max_failures, log=log,
                                combine_on_worker=combine_on_worker)
-    self._combine = combine_stacked
     self._pools_id = 0
     self._seed = None
     self._theta = None
@@ -339,11 +317,7 @@ class RayMetaTrainer:
     t_put = time.perf_counter() - t0
     units, stats = self.scheduler.run_step(self._theta, seed=seed, version=version)
     t1 = time.perf_counter()
-    # Rows in global (version, accumulation, family, shard) order: the same array, so
-    # the same sum, for any number of workers.
-    rows = [jax.tree.map(lambda x: x[row], stacked) for stacked, row in
-            (units[k] for k in sorted(units))]
-    combined = self._combine(jax.tree.map(lambda *xs: np.stack(xs), *rows))
+    combined = combine_units(units)
     learner, metrics = outer.apply_estimate(self.optimizer, learner, combined)
     metrics = dict(metrics)
     jax.block_until_ready(learner.meta_params)

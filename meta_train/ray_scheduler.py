@@ -1,4 +1,5 @@
-"""The learner's side of the Ray pool: dispatch, quorum, staleness, failures.
+"""The learner's side of the Ray pool: shard layout, dispatch, quorum, staleness,
+failures, and the gathering of shard estimates.
 
 Written by hand rather than with `ray.util.ActorPool` because that pool puts a
 still-busy actor back on timeout (a running jitted unroll cannot be cancelled), and
@@ -30,9 +31,13 @@ import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import ray
 import ray.exceptions
+
+from learned_opt.meta_train.estimator_base import GradEstimate
 
 # Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
@@ -77,6 +82,38 @@ def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]
                      "use fewer workers, more tasks, or a smaller tasks_per_shard")
   bounds = np.linspace(0, len(shards), num_workers + 1).round().astype(int)
   return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+# ---- gathering: estimates stacked per worker, combined in global order ----------------
+@jax.jit
+def stack_estimates(estimates: Sequence[GradEstimate]) -> GradEstimate:
+  """Estimates of one structure stacked into one with a leading axis [n, ...]."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *estimates)
+
+
+@jax.jit
+def combine_stacked(stacked: GradEstimate) -> GradEstimate:
+  """`combine_estimates` of the rows of a stacked estimate (pair-weighted mean).
+
+  One reduction over a fixed-length axis: for rows in a fixed order the result is the
+  same whichever workers the rows came from.
+  """
+  weights = stacked.num_pairs.astype(jnp.float32)
+  total = jnp.sum(weights)
+  mean = lambda x: jnp.tensordot(weights, x, axes=1) / total
+  return GradEstimate(grad=jax.tree.map(mean, stacked.grad), meta_loss=mean(stacked.meta_loss),
+                      num_pairs=jnp.sum(stacked.num_pairs),
+                      counts={k: jnp.sum(v) for k, v in stacked.counts.items()})
+
+
+def combine_units(units: dict) -> GradEstimate:
+  """The pair-weighted mean of a step's accepted units ({key: (stacked, row)}).
+
+  Rows go in global (version, accumulation, family, shard) order: the same array, so
+  the same sum, for any number of workers.
+  """
+  rows = [jax.tree.map(lambda x: x[row], stacked) for stacked, row in (units[k] for k in sorted(units))]
+  return combine_stacked(jax.tree.map(lambda *xs: np.stack(xs), *rows))
 
 
 @dataclasses.dataclass

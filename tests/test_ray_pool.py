@@ -19,7 +19,8 @@ from learned_opt.meta_train.cli import main
 from learned_opt.meta_train.outer import MetaTrainer
 from learned_opt.meta_train.runner import run_meta_training
 from learned_opt.meta_train.ray_pool import RayMetaTrainer, RayPools, from_host, to_host
-from learned_opt.meta_train.ray_scheduler import assign_shards, make_shards
+from learned_opt.meta_train import outer
+from learned_opt.meta_train.ray_scheduler import assign_shards, combine_stacked, make_shards
 
 # A learned step size on 32-d quadratics (4 tasks, 5-step truncations): short compiles.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",
@@ -153,10 +154,10 @@ def test_second_step_does_not_recompile(trainers):
   tr = trainers[2]
   learner, handle, _ = _run(tr, 2)
   sizes = [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots]
-  combine = tr._combine._cache_size()
+  learner_side = (combine_stacked._cache_size(), outer._apply._cache_size())
   _run(tr, 3, learner=learner, handle=handle)
   assert [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots] == sizes == [1, 1]
-  assert tr._combine._cache_size() == combine
+  assert (combine_stacked._cache_size(), outer._apply._cache_size()) == learner_side
 
 
 def test_checkpoint_round_trip_is_exact_across_worker_counts(trainers):
