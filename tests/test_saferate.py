@@ -164,3 +164,42 @@ def test_saferate_step_is_a_jittable_feature():
   assert 0 < float(eta) <= 0.5
   moved = jax.tree_util.tree_map(lambda p, v: p + eta * v, params, d)
   assert float(loss(moved)) <= float(info.predicted_value) + 1e-12 <= float(loss(params)) + 1e-12
+
+
+# ------------------------------------------------------------------ lopt's tasks (slow)
+
+def _scan_train(tx, loss, params, steps, chunk=50):
+  """Full-batch training in jitted chunks of `chunk` steps; the loss before each step."""
+  @jax.jit
+  def many(p, s):
+    def body(carry, _):
+      p, s = carry
+      v, g = jax.value_and_grad(loss)(p)
+      u, s = tx.update(g, s, p, value_fn=loss)
+      return (optax.apply_updates(p, u), s), v
+    (p, s), vs = jax.lax.scan(body, (p, s), None, length=chunk)
+    return p, s, vs
+
+  state = tx.init(params)
+  out = []
+  for _ in range(steps // chunk):
+    params, state, vs = many(params, state)
+    out.append(np.asarray(vs))
+  return np.concatenate(out + [[float(loss(params))]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["logreg_synthetic", "mlp_synthetic", "transformer_synthetic"])
+def test_saferate_adam_500_full_batch_steps_never_increase_where_adam_diverges(name):
+  from learned_opt.tasks import get_family
+  fam = get_family(name)
+  task = fam.task(fam.default_cfg())
+  params, batch = _f64(task.init(jax.random.key(0))), _f64(task.full_batch())
+  loss = lambda p: task.loss(p, jax.random.key(0), batch)
+  safe = _scan_train(saferate_adam(), loss, params, 500)
+  assert np.all(np.diff(safe) <= 0), f"loss increased by {np.max(np.diff(safe)):.3g}"
+  assert safe[-1] < safe[0]
+  # Adam at a too-large learning rate on the same task does not descend: it ends above
+  # where it started (or non-finite).
+  adam = _scan_train(optax.adam(3.0), loss, params, 500)
+  assert not np.isfinite(adam[-1]) or adam[-1] > safe[0]

@@ -221,4 +221,9 @@ def taylor_bounds(fn: Callable[[Any], jax.Array], x0: Any, direction: Any,
   name = getattr(fn, "__name__", "fn")
   (out,) = eval_jaxpr(closed.jaxpr, closed.consts, args, t, stack=name)
   out = out if isinstance(out, Enclosure) else enc.lift(out)
-  return TaylorBounds(out.c0, out.c1, enc.remainder(out))
+  rem = enc.remainder(out)
+  # NaN in a remainder means the interval arithmetic lost track (inf - inf); the honest
+  # enclosure is then everything.
+  lost = jnp.isnan(rem.lo) | jnp.isnan(rem.hi)
+  rem = Interval(jnp.where(lost, -jnp.inf, rem.lo), jnp.where(lost, jnp.inf, rem.hi))
+  return TaylorBounds(out.c0, out.c1, rem)
