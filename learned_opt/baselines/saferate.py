@@ -187,15 +187,17 @@ def saferate_adam(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 def saferate_muon(*, init_max_lr: float = 1.0, muon_kwargs: Optional[dict] = None,
                   **saferate_kwargs) -> optax.GradientTransformationExtraArgs:
-  """SafeRate[Muon]: the direction of `optax.contrib.muon` at learning rate 1.
+  """SafeRate[Muon]: the direction of lopt's Muon (`learned_opt.baselines.muon`) at lr 1.
 
-  optax's Muon orthogonalizes the momentum of 2-D weight matrices (Newton-Schulz) and
-  runs Adam on the other parameters; `muon_kwargs` (e.g. beta, ns_steps,
-  muon_weight_dimension_numbers for a custom partition) go to it unchanged.
+  That is `optax.contrib.muon` with lopt's partition: Newton-Schulz-orthogonalized
+  momentum on hidden weight matrices (conv kernels reshaped to 2-D), Adam on embeddings,
+  output heads, biases, norms and scalars. `muon_kwargs` (e.g. beta, ns_steps, params,
+  label_fn) go to it unchanged; the learning rate is SafeRate's eta.
   """
+  from learned_opt.baselines.adam_muon import muon  # sibling module, imported lazily
   kwargs = dict(muon_kwargs or {})
-  if "learning_rate" in kwargs:
-    raise ValueError("saferate_muon: the learning rate is SafeRate's eta; do not pass "
-                     f"learning_rate={kwargs['learning_rate']!r} in muon_kwargs")
-  direction = optax.contrib.muon(learning_rate=1.0, **kwargs)
-  return saferate(direction, init_max_lr=init_max_lr, **saferate_kwargs)
+  for key in ("learning_rate", "adam_learning_rate"):
+    if key in kwargs:
+      raise ValueError(f"saferate_muon: the learning rate is SafeRate's eta; do not pass "
+                       f"{key}={kwargs[key]!r} in muon_kwargs")
+  return saferate(muon(1.0, **kwargs), init_max_lr=init_max_lr, **saferate_kwargs)
