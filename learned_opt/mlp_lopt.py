@@ -8,6 +8,14 @@ Per-tensor features (log RMS of each channel) and global features (step, trainin
 fraction, loss) are the same for every coordinate of a tensor, so instead of copying them
 into every coordinate's input they enter the first layer as a per-tensor bias: same
 function, a fraction of the memory traffic.
+
+With `nominal="adam"` the network instead corrects a hand-designed rule: the update is
+`-(adam + d) * exp(s) * step_mult`, with Adam's bias-corrected direction m / sqrt(v),
+`d` and `s` clipped, and both output weights initialized near zero, so an untrained
+optimizer is Adam at `step_mult` and meta-training learns per-coordinate corrections
+and step-size schedules around it. Learned optimizers built this way start from a
+rule known to work on any task, which is what keeps them from diverging out of
+distribution (the motivation of "nominal" terms in VeLO-style optimizers).
 """
 from __future__ import annotations
 
@@ -22,6 +30,12 @@ from learned_opt import fused as fused_lib
 from learned_opt.base import (LearnedOptimizer, cast_like, check_positive, magnitude_update)
 
 _init = jax.nn.initializers.lecun_normal()
+NOMINALS = ("none", "adam")
+# nominal="adam": bounds of the learned correction and of the log step-size factor.
+_RESIDUAL_CLIP = 3.0
+_NOMINAL_MAX_LOG_SCALE = 4.0
+_NOMINAL_OUT_INIT = 0.01
+_ADAM_EPS = 1e-8
 
 
 class PerParamMLPState(NamedTuple):
@@ -51,6 +65,10 @@ class PerParamMLP(LearnedOptimizer):
     fused: per-parameter network path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (Pallas interpret mode, for
       tests); see `learned_opt.fused`.
+    nominal: "none" (Metz et al.'s rule above) or "adam": the network's outputs
+      correct Adam's direction (the momentum decay closest to 0.9, with `rms_decay`)
+      and scale its step: `-(adam + clip(d)) * exp(clip(exp_mult * s)) * step_mult`.
+      Needs the "adam" feature group; runs on the XLA path.
   """
 
   name: ClassVar[str] = "per_param_mlp"
@@ -66,8 +84,17 @@ class PerParamMLP(LearnedOptimizer):
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
   fused: str = struct.field(pytree_node=False, default="auto")
+  nominal: str = struct.field(pytree_node=False, default="none")
 
   def __post_init__(self):
+    if self.nominal not in NOMINALS:
+      raise ValueError(f"nominal must be one of {NOMINALS}, got {self.nominal!r}")
+    if self.nominal == "adam" and "adam" not in self.features:
+      raise ValueError(f"nominal='adam' needs the 'adam' feature group; features are "
+                       f"{tuple(self.features)}")
+    if self.nominal == "adam" and self.fused in ("pallas", "interpret"):
+      raise ValueError(f"nominal='adam' runs on the XLA path; got fused={self.fused!r} "
+                       f"(use 'auto' or 'xla')")
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
@@ -101,6 +128,8 @@ class PerParamMLP(LearnedOptimizer):
                    for k, a, b in zip(keys[3:], sizes[1:-1], sizes[2:])],
         "out": {"w": _init(keys[-1], (sizes[-1], 2)), "b": jnp.zeros((2,))},
     }
+    if self.nominal == "adam":  # start as Adam: corrections and log-scale near zero
+      theta["out"]["w"] = theta["out"]["w"] * _NOMINAL_OUT_INIT
     return jax.tree.map(lambda x: x.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
@@ -116,7 +145,7 @@ class PerParamMLP(LearnedOptimizer):
     # [n_leaves, H1]: everything a tensor's coordinates share, folded into one bias.
     bias = f.per_tensor @ theta["w_tensor"] + glob @ theta["w_global"] + theta["b1"]
     leaves, treedef = jax.tree.flatten(params)
-    interpret = fused_lib.select(self.fused)
+    interpret = None if self.nominal == "adam" else fused_lib.select(self.fused)
     if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
       out = fused_lib.per_param_updates(
           self.spec, f, fstate, grads, params, w_in=theta["w_param"], b_in=bias,
@@ -133,7 +162,11 @@ class PerParamMLP(LearnedOptimizer):
       for layer in theta["hidden"]:
         h = jax.nn.relu(h @ layer["w"] + layer["b"])
       o = h @ theta["out"]["w"] + theta["out"]["b"]
-      u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult, step_mult=self.step_mult)
+      if self.nominal == "adam":
+        u = self._adam_anchored(o, fstate, i)
+      else:
+        u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult,
+                             step_mult=self.step_mult)
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * jnp.asarray(p, jnp.float32)
       if self.mup:
@@ -141,3 +174,18 @@ class PerParamMLP(LearnedOptimizer):
       out.append(u)
     updates = jax.tree.unflatten(treedef, out)
     return cast_like(updates, params), PerParamMLPState(fstate)
+
+  def _adam_anchored(self, out, fstate, leaf_index):
+    """`-(adam + clip(d)) * exp(clip(exp_mult * s)) * step_mult` for one leaf."""
+    spec = self.spec
+    k = min(range(len(spec.momentum_decays)),
+            key=lambda j: abs(spec.momentum_decays[j] - 0.9))
+    b1, b2 = spec.momentum_decays[k], spec.rms_decay
+    t = fstate.step.astype(jnp.float32)  # already advanced: 1 at the first update
+    m_hat = fstate.momenta[leaf_index][k] / (1.0 - b1 ** t)
+    v_hat = fstate.nu[leaf_index] / (1.0 - b2 ** t)
+    adam = m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
+    d = jnp.clip(out[..., 0], -_RESIDUAL_CLIP, _RESIDUAL_CLIP)
+    log_scale = jnp.clip(self.exp_mult * out[..., 1], -_NOMINAL_MAX_LOG_SCALE,
+                         _NOMINAL_MAX_LOG_SCALE)
+    return -(adam + d) * jnp.exp(log_scale) * self.step_mult

@@ -1,0 +1,84 @@
+"""PerParamMLP(nominal="adam"): an untrained optimizer is Adam; its corrections are bounded."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import learned_opt
+from learned_opt import PerParamMLP
+
+
+def _params(key):
+  k1, k2 = jax.random.split(key)
+  return {"w": jax.random.normal(k1, (6, 4)), "b": jax.random.normal(k2, (4,))}
+
+
+def _loss(p):
+  return jnp.sum(jnp.tanh(p["w"]) ** 2) + jnp.sum((p["b"] - 1.0) ** 2)
+
+
+def _run(opt, params, steps=6):
+  state = opt.init(params)
+  out = []
+  for _ in range(steps):
+    loss, g = jax.value_and_grad(_loss)(params)
+    u, state = opt.update(g, state, params, loss=loss)
+    params = optax.apply_updates(params, u)
+    out.append(params)
+  return out
+
+
+def test_zero_output_layer_is_exactly_adam():
+  lopt = PerParamMLP(hidden_sizes=(8,), nominal="adam", step_mult=3e-3, exp_mult=1.0)
+  theta = lopt.init_meta_params(jax.random.key(0))
+  theta["out"] = jax.tree.map(jnp.zeros_like, theta["out"])
+  params = _params(jax.random.key(1))
+  ours = _run(learned_opt.to_optax(lopt, theta, num_steps=10), params)
+  ref = _run(optax.adam(3e-3, b1=0.9, b2=0.999, eps=1e-8), params)
+  for a, b in zip(ours, ref):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_untrained_optimizer_stays_close_to_adam_and_learns_a_step_scale():
+  lopt = PerParamMLP(hidden_sizes=(8,), nominal="adam", step_mult=3e-3, exp_mult=1.0)
+  theta = lopt.init_meta_params(jax.random.key(0))
+  params = _params(jax.random.key(1))
+  g = jax.grad(_loss)(params)
+  state = lopt.init(theta, params, num_steps=10)
+  u, _ = lopt.update(theta, g, state, params)
+  # First Adam step is -lr * sign(g); the near-zero output layer perturbs it by < 5%.
+  for x, gi in zip(jax.tree.leaves(u), jax.tree.leaves(g)):
+    np.testing.assert_allclose(x, -3e-3 * jnp.sign(gi), rtol=0.05)
+  # A log-scale bias of log(2) doubles every step; huge outputs stay bounded.
+  theta2 = dict(theta, out={"w": jnp.zeros_like(theta["out"]["w"]),
+                            "b": jnp.array([0.0, np.log(2.0)])})
+  u2, _ = lopt.update(theta2, g, state, params)
+  for x, gi in zip(jax.tree.leaves(u2), jax.tree.leaves(g)):
+    np.testing.assert_allclose(x, -6e-3 * jnp.sign(gi), rtol=1e-4)
+  theta3 = dict(theta, out={"w": jnp.zeros_like(theta["out"]["w"]),
+                            "b": jnp.array([1e6, 1e6])})
+  u3, _ = lopt.update(theta3, g, state, params)
+  bound = 3e-3 * np.exp(4.0) * (1.0 + 3.0) * 1.001
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(u3)) <= bound
+
+
+def test_bad_nominal_settings_are_named():
+  with pytest.raises(ValueError, match="nominal must be one of"):
+    PerParamMLP(nominal="sgd")
+  with pytest.raises(ValueError, match="needs the 'adam' feature group"):
+    PerParamMLP(nominal="adam", features=("grad", "momentum"))
+  with pytest.raises(ValueError, match="XLA path"):
+    PerParamMLP(nominal="adam", fused="interpret")
+
+
+def test_checkpoint_round_trip_keeps_the_nominal(tmp_path):
+  lopt = PerParamMLP(hidden_sizes=(8,), nominal="adam", exp_mult=1.0)
+  theta = lopt.init_meta_params(jax.random.key(0))
+  path = tmp_path / "a.lopt"
+  learned_opt.save(path, lopt, theta)
+  lopt2, theta2, _ = learned_opt.load(path)
+  assert lopt2 == lopt
+  for x, y in zip(jax.tree.leaves(theta), jax.tree.leaves(theta2)):
+    np.testing.assert_array_equal(x, y)
