@@ -224,3 +224,49 @@ def magnitude_update(direction: jax.Array, magnitude: jax.Array, *, exp_mult: fl
   """
   log_scale = jnp.clip(exp_mult * magnitude, -MAX_LOG_SCALE, MAX_LOG_SCALE)
   return direction * jnp.exp(log_scale) * step_mult
+
+
+# nominal="adam" (PerParamMLP, HierarchicalLOpt): a learned optimizer that corrects Adam.
+NOMINALS = ("none", "adam")
+NOMINAL_RESIDUAL_CLIP = 3.0     # |learned correction| <= this, in units of Adam's direction
+NOMINAL_MAX_LOG_SCALE = 4.0     # learned step-size factor within [e^-4, e^4]
+NOMINAL_OUT_INIT = 0.01         # output weights start this small: untrained == Adam
+_ADAM_EPS = 1e-8
+
+
+def check_nominal(nominal: str, features, fused: str) -> None:
+  """Validates a `nominal` setting against the feature selection and the fused mode."""
+  if nominal not in NOMINALS:
+    raise ValueError(f"nominal must be one of {NOMINALS}, got {nominal!r}")
+  if nominal == "adam" and "adam" not in features:
+    raise ValueError(f"nominal='adam' needs the 'adam' feature group; features are "
+                     f"{tuple(features)}")
+  if nominal == "adam" and fused in ("pallas", "interpret"):
+    raise ValueError(f"nominal='adam' runs on the XLA path; got fused={fused!r} "
+                     f"(use 'auto' or 'xla')")
+
+
+def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
+  """Adam's bias-corrected m / (sqrt(v) + eps) for one leaf, from the feature state.
+
+  Uses the momentum decay closest to 0.9 and `spec.rms_decay`; `fstate` is the state
+  after this step's accumulation (its step counter is already 1 at the first update).
+  """
+  decays = spec.momentum_decays
+  k = min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
+  t = fstate.step.astype(jnp.float32)
+  m_hat = fstate.momenta[leaf_index][k] / (1.0 - decays[k] ** t)
+  v_hat = fstate.nu[leaf_index] / (1.0 - spec.rms_decay ** t)
+  return m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
+
+
+def nominal_adam_update(adam: jax.Array, correction: jax.Array, log_scale: jax.Array, *,
+                        step_mult) -> jax.Array:
+  """`-(adam + clip(correction)) * exp(clip(log_scale)) * step_mult`.
+
+  Both clips bound how far a learned optimizer can stray from Adam, whatever its
+  meta-parameters: per coordinate at most (1 + 3) * e^4 * step_mult.
+  """
+  d = jnp.clip(correction, -NOMINAL_RESIDUAL_CLIP, NOMINAL_RESIDUAL_CLIP)
+  scale = jnp.exp(jnp.clip(log_scale, -NOMINAL_MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE))
+  return -(adam + d) * scale * step_mult

@@ -16,6 +16,11 @@ the part that runs per coordinate stays tiny.
   param_scale`, where `param_scale = RMS(param) + param_scale_floor` makes steps relative
   to the tensor's size (the floor lets zero-initialized biases move).
 
+With `nominal="adam"` the network corrects Adam instead (see `base.nominal_adam_update`):
+the update is `-(adam + d) * exp(log_scale + exp_mult * s) * step_mult`, an absolute
+step like Adam's, so the per-tensor LSTM acts as a learned step-size controller and the
+tiny MLPs as bounded per-coordinate corrections; untrained, it is Adam at `step_mult`.
+
 The head also reads its input linearly (a skip connection), so per-tensor step scales
 that are linear in the statistics (e.g. plain SGD) are exactly representable.
 """
@@ -31,8 +36,9 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
-from learned_opt.base import (MAX_LOG_SCALE, LearnedOptimizer, cast_like, check_positive,
-                              magnitude_update)
+from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_OUT_INIT, LearnedOptimizer,
+                              adam_direction, cast_like, check_nominal, check_positive,
+                              magnitude_update, nominal_adam_update)
 
 _init = jax.nn.initializers.lecun_normal()
 _TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
@@ -92,6 +98,8 @@ class HierarchicalLOpt(LearnedOptimizer):
     mup_base_fan_in: the fan-in at which the muP multiplier is 1.
     fused: per-parameter MLP path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (tests); see `learned_opt.fused`.
+    nominal: "none" (steps relative to the tensor RMS, above) or "adam" (corrections
+      of Adam at `step_mult`; needs the "adam" feature group; XLA path).
   """
 
   name: ClassVar[str] = "hierarchical"
@@ -110,8 +118,10 @@ class HierarchicalLOpt(LearnedOptimizer):
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
   fused: str = struct.field(pytree_node=False, default="auto")
+  nominal: str = struct.field(pytree_node=False, default="none")
 
   def __post_init__(self):
+    check_nominal(self.nominal, self.features, self.fused)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
@@ -160,6 +170,8 @@ class HierarchicalLOpt(LearnedOptimizer):
                  "w2": jax.vmap(lambda kk: _init(kk, (hid, 2)))(jax.random.split(k[4], k_mlps)),
                  "b2": jnp.zeros((k_mlps, 2))},
     }
+    if self.nominal == "adam":  # untrained == Adam: per-coordinate corrections start tiny
+      theta["bank"]["w2"] = theta["bank"]["w2"] * NOMINAL_OUT_INIT
     return jax.tree.map(lambda a: a.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
@@ -202,7 +214,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     b2 = mix @ bank["b2"]
     step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
     new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
-    interpret = fused_lib.select(self.fused)
+    interpret = None if self.nominal == "adam" else fused_lib.select(self.fused)
     if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
       updates = fused_lib.per_param_updates(
           self.spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2, b_out=b2,
@@ -214,11 +226,16 @@ class HierarchicalLOpt(LearnedOptimizer):
     updates = []
     for i, (chans, p) in enumerate(zip(f.per_param, p32)):
       d, s = _tiny_mlp(chans, w1[i], b1[i], w2[i], b2[i])
-      u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
+      if self.nominal == "adam":
+        u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
+                                log_scale[i] + self.exp_mult * s, step_mult=self.step_mult)
+      else:
+        u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * p
-      if self.mup:
-        u = u * feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in, power=0.5)
+      if self.mup:  # absolute (Adam-like) steps need muP's full 1/fan_in
+        u = u * feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in,
+                                power=1.0 if self.nominal == "adam" else 0.5)
       updates.append(u)
     new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
     return cast_like(jax.tree.unflatten(treedef, updates), params), new_state

@@ -27,15 +27,11 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
-from learned_opt.base import (LearnedOptimizer, cast_like, check_positive, magnitude_update)
+from learned_opt.base import (NOMINAL_OUT_INIT, LearnedOptimizer, adam_direction, cast_like,
+                              check_nominal, check_positive, magnitude_update,
+                              nominal_adam_update)
 
 _init = jax.nn.initializers.lecun_normal()
-NOMINALS = ("none", "adam")
-# nominal="adam": bounds of the learned correction and of the log step-size factor.
-_RESIDUAL_CLIP = 3.0
-_NOMINAL_MAX_LOG_SCALE = 4.0
-_NOMINAL_OUT_INIT = 0.01
-_ADAM_EPS = 1e-8
 
 
 class PerParamMLPState(NamedTuple):
@@ -87,14 +83,7 @@ class PerParamMLP(LearnedOptimizer):
   nominal: str = struct.field(pytree_node=False, default="none")
 
   def __post_init__(self):
-    if self.nominal not in NOMINALS:
-      raise ValueError(f"nominal must be one of {NOMINALS}, got {self.nominal!r}")
-    if self.nominal == "adam" and "adam" not in self.features:
-      raise ValueError(f"nominal='adam' needs the 'adam' feature group; features are "
-                       f"{tuple(self.features)}")
-    if self.nominal == "adam" and self.fused in ("pallas", "interpret"):
-      raise ValueError(f"nominal='adam' runs on the XLA path; got fused={self.fused!r} "
-                       f"(use 'auto' or 'xla')")
+    check_nominal(self.nominal, self.features, self.fused)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
@@ -129,7 +118,7 @@ class PerParamMLP(LearnedOptimizer):
         "out": {"w": _init(keys[-1], (sizes[-1], 2)), "b": jnp.zeros((2,))},
     }
     if self.nominal == "adam":  # start as Adam: corrections and log-scale near zero
-      theta["out"]["w"] = theta["out"]["w"] * _NOMINAL_OUT_INIT
+      theta["out"]["w"] = theta["out"]["w"] * NOMINAL_OUT_INIT
     return jax.tree.map(lambda x: x.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
@@ -163,7 +152,8 @@ class PerParamMLP(LearnedOptimizer):
         h = jax.nn.relu(h @ layer["w"] + layer["b"])
       o = h @ theta["out"]["w"] + theta["out"]["b"]
       if self.nominal == "adam":
-        u = self._adam_anchored(o, fstate, i)
+        u = nominal_adam_update(adam_direction(self.spec, fstate, i), o[..., 0],
+                                self.exp_mult * o[..., 1], step_mult=self.step_mult)
       else:
         u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult,
                              step_mult=self.step_mult)
@@ -175,17 +165,3 @@ class PerParamMLP(LearnedOptimizer):
     updates = jax.tree.unflatten(treedef, out)
     return cast_like(updates, params), PerParamMLPState(fstate)
 
-  def _adam_anchored(self, out, fstate, leaf_index):
-    """`-(adam + clip(d)) * exp(clip(exp_mult * s)) * step_mult` for one leaf."""
-    spec = self.spec
-    k = min(range(len(spec.momentum_decays)),
-            key=lambda j: abs(spec.momentum_decays[j] - 0.9))
-    b1, b2 = spec.momentum_decays[k], spec.rms_decay
-    t = fstate.step.astype(jnp.float32)  # already advanced: 1 at the first update
-    m_hat = fstate.momenta[leaf_index][k] / (1.0 - b1 ** t)
-    v_hat = fstate.nu[leaf_index] / (1.0 - b2 ** t)
-    adam = m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
-    d = jnp.clip(out[..., 0], -_RESIDUAL_CLIP, _RESIDUAL_CLIP)
-    log_scale = jnp.clip(self.exp_mult * out[..., 1], -_NOMINAL_MAX_LOG_SCALE,
-                         _NOMINAL_MAX_LOG_SCALE)
-    return -(adam + d) * jnp.exp(log_scale) * self.step_mult

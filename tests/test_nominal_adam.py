@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt import PerParamMLP
+from learned_opt import HierarchicalLOpt, PerParamMLP
 
 
 def _params(key):
@@ -29,10 +29,21 @@ def _run(opt, params, steps=6):
   return out
 
 
-def test_zero_output_layer_is_exactly_adam():
-  lopt = PerParamMLP(hidden_sizes=(8,), nominal="adam", step_mult=3e-3, exp_mult=1.0)
-  theta = lopt.init_meta_params(jax.random.key(0))
-  theta["out"] = jax.tree.map(jnp.zeros_like, theta["out"])
+def _zero_outputs(lopt, theta):
+  if isinstance(lopt, PerParamMLP):
+    return dict(theta, out=jax.tree.map(jnp.zeros_like, theta["out"]))
+  bank = dict(theta["bank"], w2=jnp.zeros_like(theta["bank"]["w2"]),
+              b2=jnp.zeros_like(theta["bank"]["b2"]))
+  return dict(theta, head=jax.tree.map(jnp.zeros_like, theta["head"]), bank=bank)
+
+
+@pytest.mark.parametrize("lopt", [
+    PerParamMLP(hidden_sizes=(8,), nominal="adam", step_mult=3e-3, exp_mult=1.0),
+    HierarchicalLOpt(tensor_hidden=8, nominal="adam", step_mult=3e-3, exp_mult=1.0,
+                     features=("grad", "momentum", "adam", "loss"))],
+    ids=["mlp", "hierarchical"])
+def test_zero_output_layer_is_exactly_adam(lopt):
+  theta = _zero_outputs(lopt, lopt.init_meta_params(jax.random.key(0)))
   params = _params(jax.random.key(1))
   ours = _run(learned_opt.to_optax(lopt, theta, num_steps=10), params)
   ref = _run(optax.adam(3e-3, b1=0.9, b2=0.999, eps=1e-8), params)
@@ -71,6 +82,8 @@ def test_bad_nominal_settings_are_named():
     PerParamMLP(nominal="adam", features=("grad", "momentum"))
   with pytest.raises(ValueError, match="XLA path"):
     PerParamMLP(nominal="adam", fused="interpret")
+  with pytest.raises(ValueError, match="needs the 'adam' feature group"):
+    HierarchicalLOpt(nominal="adam", features=("grad",))
 
 
 def test_checkpoint_round_trip_keeps_the_nominal(tmp_path):
