@@ -4,7 +4,8 @@
 states)`), so the runner drives either. The learner keeps theta and the outer optimizer;
 each worker actor keeps its *shards* of the estimators' pools and, once per outer step,
 receives theta (one `ray.put` read by every worker; small theta rides in the call),
-runs its shards' truncations and returns their `GradEstimate`s stacked. What travels is
+runs its shards' truncations and returns their `GradEstimate`s as the rows of one
+float32 buffer (`RowLayout`; theta travels flat too). What travels is
 seeds, not noise: a worker rebuilds every key from (seed, step, accumulation index,
 family) exactly as the in-process trainer does, and each task folds in its global
 index, so a shard's estimate does not depend on which worker ran it.
@@ -33,8 +34,8 @@ import ray
 from flax import struct
 
 from learned_opt.meta_train import outer
-from learned_opt.meta_train.ray_scheduler import (Scheduler, Shard, assign_shards, combine_stacked,
-                                                   combine_units, make_shards, stack_estimates)
+from learned_opt.meta_train.ray_scheduler import (RowLayout, RunCall, Scheduler, Shard,
+                                                   assign_shards, gather_rows, make_shards)
 
 log = logging.getLogger("lopt.ray")
 
@@ -67,6 +68,10 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x), tree)
 
 
+def _theta_shapes(lopt) -> Any:
+  return jax.eval_shape(lopt.init_meta_params, jax.random.key(0))
+
+
 def from_host(tree: Any, template: Any) -> Any:
   """Inverse of `to_host`; `template` (arrays or `jax.eval_shape` structs) says which
   leaves are keys."""
@@ -94,6 +99,12 @@ class PoolWorker:
     self._pools = None
     self._epoch = -1
     self._delay_s = 0.0
+    self._layout = RowLayout(_theta_shapes(self._estimators[0].lopt))
+    # Theta arrives flat; one jitted unflatten puts it on the device once per call
+    # rather than once per shard's estimate.
+    self._unflatten = jax.jit(self._layout.unflatten)
+    self._pack = jax.jit(self._pack_impl, static_argnums=1)
+    self._steps_keys = {}
 
   def node_id(self) -> str:
     return ray.get_runtime_context().get_node_id()
@@ -105,10 +116,12 @@ class PoolWorker:
     """Makes every later `run` sleep first (straggler drills and tests)."""
     self._delay_s = float(seconds)
 
-  def jit_cache_size(self) -> int:
-    """Compiled variants of the estimate function in this process (no-recompile checks)."""
+  def jit_cache_size(self) -> dict:
+    """Compiled variants of the jitted functions a step runs in this process
+    (no-recompile checks)."""
     from learned_opt.meta_train import estimator_base
-    return estimator_base._jit_estimate._cache_size()
+    return {"estimate": estimator_base._jit_estimate._cache_size(),
+            "unflatten": self._unflatten._cache_size(), "pack": self._pack._cache_size()}
 
   def _init_pools(self, theta, seed: int, epoch: int) -> None:
     k_pool = jax.random.split(outer._run_keys(seed)[0])[1]  # as MetaTrainer.init
@@ -122,48 +135,65 @@ class PoolWorker:
   def _ready(self, epoch: int) -> bool:
     return self._pools is not None and self._epoch == epoch
 
-  def run(self, theta, *, epoch: int, seed: int, version: int, accumulate: int, init: bool,
-          combine: bool = False) -> dict:
-    """Advances every shard `accumulate` truncations with theta (of outer step `version`).
+  def _pack_impl(self, estimates, groups):
+    rows = self._layout.pack_many(estimates)
+    if groups is None:
+      return rows
+    return jnp.stack([self._layout.mean_rows(rows[a:b]) for a, b in groups])
+
+  def run(self, theta: np.ndarray, call: RunCall) -> dict:
+    """Advances every shard `call.accumulate` truncations with theta (of outer step
+    `call.version`).
+
+    Args:
+      theta: float32 [grad_size], the meta-parameters flattened by `RowLayout`.
+      call: the step's settings (one argument: Ray serializes each argument on its own,
+        and six keyword arguments cost 0.3 ms per call here).
 
     Returns {"status": "ok", "epoch", "version", "units": [((version, j, f, s), row,
-    shards covered), ...], "stacked": the estimates as one GradEstimate with a leading
-    row axis (host arrays), "compute_s"} or {"status": "uninitialized", "epoch"}. With
-    `combine`, one estimate per (j, f), keyed by its first shard.
+    shards covered), ...], "rows": the estimates as float32 [rows, width] (`RowLayout`),
+    "compute_s"} or {"status": "uninitialized", "epoch"}. With `combine`, one row per
+    (j, f), the pair-weighted mean of its shards, keyed by its first shard.
     """
+    epoch, seed, version, accumulate, init, combine = call
     if self._delay_s:
       time.sleep(self._delay_s)
     t0 = time.perf_counter()
+    theta = self._unflatten(theta)
     if init:
       self._init_pools(theta, seed, epoch)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
-    steps_key = outer._run_keys(seed)[1]
-    pools, units = dict(self._pools), []
+    if seed not in self._steps_keys:
+      self._steps_keys[seed] = outer._run_keys(seed)[1]
+    # Keys depend on (step, j, family) only: derived once, not once per shard.
+    keys = {(j, f): outer.estimate_key(self._steps_keys[seed], version, j, f)
+            for j in range(accumulate) for f in sorted({sh.family for sh in self._shards})}
+    pools, units, estimates = dict(self._pools), [], []
     for j in range(accumulate):
       for sh in self._shards:
-        key = outer.estimate_key(steps_key, version, j, sh.family)
         pools[sh.family, sh.index], est = self._estimators[sh.family].estimate(
-            key, theta, pools[sh.family, sh.index])
-        units.append(((version, j, sh.family, sh.index), est, 1))
-    if combine:
-      groups = {}
-      for (v, j, f, s), est, _ in units:
-        groups.setdefault((v, j, f), []).append((s, est))
-      units = [((v, j, f, group[0][0]), combine_stacked(stack_estimates([e for _, e in group])),
-                len(group)) for (v, j, f), group in groups.items()]
-    # One device->host copy of ~15 stacked arrays instead of ~15 per estimate: both the
-    # copy and Ray's serialization cost per array, and this is on every step's path.
-    stacked = jax.device_get(stack_estimates([e for _, e, _ in units]))
+            keys[j, sh.family], theta, pools[sh.family, sh.index])
+        units.append(((version, j, sh.family, sh.index), 1))
+        estimates.append(est)
+    groups = None
+    if combine:  # units of one (j, f) are consecutive
+      bounds = [i for i in range(len(units) + 1)
+                if i in (0, len(units)) or units[i][0][:3] != units[i - 1][0][:3]]
+      groups = tuple(zip(bounds[:-1], bounds[1:]))
+      units = [(units[a][0], b - a) for a, b in groups]
+    # One device->host copy of one buffer: the copy and Ray's serialization both cost
+    # per array, and this is on every step's path.
+    rows = np.asarray(self._pack(estimates, groups))
     self._pools = pools  # committed only once every shard has advanced
-    return {"status": "ok", "epoch": epoch, "version": version, "stacked": stacked,
-            "units": [(k, row, n) for row, (k, _, n) in enumerate(units)],
+    return {"status": "ok", "epoch": epoch, "version": version, "rows": rows,
+            "units": [(k, row, n) for row, (k, n) in enumerate(units)],
             "compute_s": time.perf_counter() - t0}
 
-  def get_states(self, theta, *, epoch: int, seed: int, init: bool) -> dict:
+  def get_states(self, theta: np.ndarray, *, epoch: int, seed: int, init: bool) -> dict:
     """The shards' pool states (host arrays), keyed by (family, shard)."""
     if init:
-      self._init_pools(theta, seed, epoch)
+      self._init_pools(self._unflatten(theta), seed, epoch)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
     return {"status": "ok", "epoch": epoch, "states": {k: to_host(v) for k, v in self._pools.items()}}
@@ -277,6 +307,10 @@ class RayMetaTrainer:
     self._seed = None
     self._theta = None
     self.inline_theta_bytes = inline_theta_bytes
+    self.layout = RowLayout(_theta_shapes(self.lopt))
+    self._flatten = jax.jit(self.layout.flatten)
+    self._update = jax.jit(self._update_impl)
+    self._flat_theta = (None, None)   # (meta_params, their flat host copy) of the last update
 
   # ---- the MetaTrainer interface ------------------------------------------------------
   @property
@@ -317,10 +351,11 @@ class RayMetaTrainer:
     t_put = time.perf_counter() - t0
     units, stats = self.scheduler.run_step(self._theta, seed=seed, version=version)
     t1 = time.perf_counter()
-    combined = combine_units(units)
-    learner, metrics = outer.apply_estimate(self.optimizer, learner, combined)
+    learner, metrics, flat = self._update(learner, gather_rows(units))
     metrics = dict(metrics)
-    jax.block_until_ready(learner.meta_params)
+    # Waits for the update (one execution gives theta, its flat copy and the metrics):
+    # the next step's broadcast then sends this copy without another dispatch.
+    self._flat_theta = (learner.meta_params, np.asarray(flat))
     stats["broadcast_s"] = t_put
     stats["learner_s"] = time.perf_counter() - t1
     metrics.update(stats)
@@ -385,14 +420,20 @@ class RayMetaTrainer:
     self.close()
 
   # ---- internals --------------------------------------------------------------------
+  def _update_impl(self, learner, rows):
+    """The combined estimate of rows [n, width] applied: (learner, metrics, flat theta)."""
+    combined = self.layout.unpack(self.layout.mean_rows(rows))
+    learner, metrics = outer.apply_estimate(self.optimizer, learner, combined)
+    return learner, metrics, self.layout.flatten(learner.meta_params)
+
   def _broadcast(self, meta_params):
-    """Theta for this step's calls: one object-store copy shared by every worker, or,
-    when small, the arrays themselves (Ray then inlines them in each call; a `ray.put`
-    costs a store round trip, ~2 ms per step here for a 3 KB theta)."""
-    host = jax.device_get(meta_params)
-    if sum(np.asarray(x).nbytes for x in jax.tree.leaves(host)) <= self.inline_theta_bytes:
-      return host
-    return ray.put(host)
+    """Theta for this step's calls, flat float32: one object-store copy shared by every
+    worker, or, when small, the array itself (Ray then inlines it in each call; a
+    `ray.put` costs a store round trip, ~2 ms per step here for a 3 KB theta)."""
+    last, flat = self._flat_theta
+    if last is not meta_params:
+      flat = np.asarray(self._flatten(meta_params))
+    return flat if flat.nbytes <= self.inline_theta_bytes else ray.put(flat)
 
   def _new_handle(self) -> RayPools:
     self._pools_id = int.from_bytes(os.urandom(4), "little")

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 import ray.exceptions
 
-from learned_opt.meta_train.estimator_base import GradEstimate
+from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
 
 # Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
@@ -51,6 +51,16 @@ class Shard(NamedTuple):
   index: int
   start: int
   stop: int
+
+
+class RunCall(NamedTuple):
+  """The settings of one `PoolWorker.run` call (see there)."""
+  epoch: int
+  seed: int
+  version: int
+  accumulate: int
+  init: bool
+  combine: bool
 
 
 # ---- the shard layout: fixed by the config, not by the number of workers -----------
@@ -84,36 +94,79 @@ def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]
   return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-# ---- gathering: estimates stacked per worker, combined in global order ----------------
-@jax.jit
-def stack_estimates(estimates: Sequence[GradEstimate]) -> GradEstimate:
-  """Estimates of one structure stacked into one with a leading axis [n, ...]."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *estimates)
+# ---- what travels: estimates and theta as flat float32 rows --------------------------
+class RowLayout:
+  """One `GradEstimate` as one float32 row [grad leaves raveled | meta_loss | num_pairs |
+  counts], and theta as the grad part alone.
 
+  Ray serializes every array of a message on its own (a pickle-5 buffer and metadata
+  each): one row buffer instead of a ~15-leaf pytree halves the round trip of a step's
+  call here (measured 3.5 -> 1.9 ms). Integer fields (pair and event counts) are exact
+  in float32 below 2**24. The methods are traceable; `pack_many` and `mean_rows` are
+  what jitted code on the workers and the learner calls.
 
-@jax.jit
-def combine_stacked(stacked: GradEstimate) -> GradEstimate:
-  """`combine_estimates` of the rows of a stacked estimate (pair-weighted mean).
-
-  One reduction over a fixed-length axis: for rows in a fixed order the result is the
-  same whichever workers the rows came from.
+  Args:
+    meta_params: theta or its `jax.eval_shape`; every leaf must be floating point of at
+      most 32 bits (it travels as float32 and is cast back).
+    count_names: the keys of `GradEstimate.counts`, in row order.
   """
-  weights = stacked.num_pairs.astype(jnp.float32)
-  total = jnp.sum(weights)
-  mean = lambda x: jnp.tensordot(weights, x, axes=1) / total
-  return GradEstimate(grad=jax.tree.map(mean, stacked.grad), meta_loss=mean(stacked.meta_loss),
-                      num_pairs=jnp.sum(stacked.num_pairs),
-                      counts={k: jnp.sum(v) for k, v in stacked.counts.items()})
+
+  def __init__(self, meta_params: Any, count_names: Sequence[str] = COUNT_NAMES):
+    leaves, self.treedef = jax.tree.flatten(meta_params)
+    for path, x in jax.tree_util.tree_flatten_with_path(meta_params)[0]:
+      if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize <= 4):
+        raise ValueError(f"meta-parameter {jax.tree_util.keystr(path)} has dtype {x.dtype}; "
+                         "the Ray pool sends theta as float32 and expects floating leaves of "
+                         "at most 32 bits")
+    self.shapes = [tuple(x.shape) for x in leaves]
+    self.dtypes = [x.dtype for x in leaves]
+    self.offsets = np.cumsum([0] + [math.prod(sh) for sh in self.shapes]).tolist()
+    self.grad_size = self.offsets[-1]
+    self.count_names = tuple(count_names)
+    self.width = self.grad_size + 2 + len(self.count_names)
+
+  def flatten(self, tree: Any) -> jax.Array:
+    """float32 [grad_size]."""
+    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+
+  def unflatten(self, flat: jax.Array) -> Any:
+    leaves = [flat[a:b].reshape(sh).astype(dt) for a, b, sh, dt in
+              zip(self.offsets[:-1], self.offsets[1:], self.shapes, self.dtypes)]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def pack(self, est: GradEstimate) -> jax.Array:
+    scalars = [est.meta_loss, est.num_pairs] + [est.counts[k] for k in self.count_names]
+    return jnp.concatenate([self.flatten(est.grad), jnp.stack(scalars).astype(jnp.float32)])
+
+  def unpack(self, row: jax.Array) -> GradEstimate:
+    g = self.grad_size
+    return GradEstimate(grad=self.unflatten(row[:g]), meta_loss=row[g],
+                        num_pairs=row[g + 1].astype(jnp.int32),
+                        counts={k: row[g + 2 + i].astype(jnp.int32) for i, k in enumerate(self.count_names)})
+
+  def pack_many(self, estimates: Sequence[GradEstimate]) -> jax.Array:
+    """float32 [len(estimates), width]."""
+    return jnp.stack([self.pack(e) for e in estimates])
+
+  def mean_rows(self, rows: jax.Array) -> jax.Array:
+    """The row of `combine_estimates` of rows [n, width]: pair-weighted mean of grad and
+    meta_loss, sums of the counts. One reduction over a fixed-length axis, so rows in a
+    fixed order give the same result whichever workers they came from."""
+    g = self.grad_size
+    weights = rows[:, g + 1]
+    mean = jnp.tensordot(weights, rows[:, :g + 1], axes=1) / jnp.sum(weights)
+    return jnp.concatenate([mean, jnp.sum(rows[:, g + 1:], axis=0)])
 
 
-def combine_units(units: dict) -> GradEstimate:
-  """The pair-weighted mean of a step's accepted units ({key: (stacked, row)}).
-
-  Rows go in global (version, accumulation, family, shard) order: the same array, so
-  the same sum, for any number of workers.
-  """
-  rows = [jax.tree.map(lambda x: x[row], stacked) for stacked, row in (units[k] for k in sorted(units))]
-  return combine_stacked(jax.tree.map(lambda *xs: np.stack(xs), *rows))
+def gather_rows(units: dict) -> np.ndarray:
+  """The rows of a step's accepted units ({key: (rows, row)}) in global (version,
+  accumulation, family, shard) order: the same array, so the same sum, for any number
+  of workers. A reply that holds them all in that order (one worker) is used as is."""
+  keys = sorted(units)
+  first = units[keys[0]][0]
+  if len(first) == len(keys) and all(units[k][0] is first and units[k][1] == i for i, k in enumerate(keys)):
+    return first
+  return np.stack([units[k][0][units[k][1]] for k in keys])
 
 
 @dataclasses.dataclass
@@ -185,7 +238,7 @@ class Scheduler:
     """Gathers unit estimates for outer step `version`.
 
     Returns:
-      ({(version, j, family, shard): (stacked GradEstimate, row)}, scalar stats).
+      ({(version, j, family, shard): (float32 rows [n, width], row)}, scalar stats).
     """
     stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
              "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0}
@@ -244,9 +297,8 @@ class Scheduler:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         init = not slot.initialized
         slot.ref_init = init
-        slot.ref = slot.actor.run.remote(theta, epoch=slot.epoch, seed=seed, version=version,
-                                         accumulate=self.accumulate, init=init,
-                                         combine=self.combine_on_worker)
+        slot.ref = slot.actor.run.remote(theta, RunCall(slot.epoch, seed, version, self.accumulate,
+                                                        init, self.combine_on_worker))
         slot.ref_version = version
         # Optimistic: if this call fails, _receive marks the pools lost again.
         slot.initialized = True
@@ -274,7 +326,7 @@ class Scheduler:
     for key, row, covers in result["units"]:
       if key in accepted:
         raise RuntimeError(f"estimate {key} arrived twice in one step; refusing to apply it twice")
-      accepted[key] = ((result["stacked"], row), covers)
+      accepted[key] = ((result["rows"], row), covers)
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
 

@@ -20,7 +20,8 @@ from learned_opt.meta_train.outer import MetaTrainer
 from learned_opt.meta_train.runner import run_meta_training
 from learned_opt.meta_train.ray_pool import RayMetaTrainer, RayPools, from_host, to_host
 from learned_opt.meta_train import outer
-from learned_opt.meta_train.ray_scheduler import assign_shards, combine_stacked, make_shards
+from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate, combine_estimates
+from learned_opt.meta_train.ray_scheduler import RowLayout, assign_shards, gather_rows, make_shards
 
 # A learned step size on 32-d quadratics (4 tasks, 5-step truncations): short compiles.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",
@@ -99,6 +100,34 @@ def test_shard_layout_and_bad_settings():
   assert np.array_equal(jax.random.key_data(back["k"]), jax.random.key_data(key))
 
 
+def test_row_layout_round_trip_and_combination():
+  theta = {"b": np.zeros((3,), np.float32), "w": np.zeros((2, 4), np.float32)}
+  layout = RowLayout(theta)
+  assert layout.width == 11 + 2 + len(COUNT_NAMES)
+  rng = np.random.default_rng(0)
+  ests = [GradEstimate(grad={"b": rng.normal(size=3).astype(np.float32),
+                             "w": rng.normal(size=(2, 4)).astype(np.float32)},
+                       meta_loss=np.float32(rng.normal()), num_pairs=np.int32(n),
+                       counts={k: np.int32(i + n) for i, k in enumerate(COUNT_NAMES)})
+          for n in (1, 3, 2)]
+  rows = layout.pack_many(ests)
+  back = layout.unpack(rows[1])
+  assert _equal(back.grad, ests[1].grad) and int(back.num_pairs) == 3
+  assert {k: int(v) for k, v in back.counts.items()} == {k: i + 3 for i, k in enumerate(COUNT_NAMES)}
+  mean, ref = layout.unpack(layout.mean_rows(rows)), combine_estimates(ests)
+  for a, b in zip(jax.tree.leaves(mean.grad) + [mean.meta_loss], jax.tree.leaves(ref.grad) + [ref.meta_loss]):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert int(mean.num_pairs) == 6 and int(mean.counts["resets"]) == int(ref.counts["resets"])
+  assert _equal(layout.unflatten(layout.flatten(ests[2].grad)), ests[2].grad)
+  # Rows gathered in global key order, whichever reply held them.
+  host = np.asarray(rows)
+  one = {(0, 0, 0, s): (host, s) for s in range(3)}
+  two = {(0, 0, 0, 0): (host[:1], 0), (0, 0, 0, 1): (host[1:], 0), (0, 0, 0, 2): (host[1:], 1)}
+  assert gather_rows(one) is host and np.array_equal(gather_rows(two), host)
+  with pytest.raises(ValueError, match=r"meta-parameter \['n'\] has dtype int32"):
+    RowLayout({"n": np.zeros(2, np.int32)})
+
+
 def test_bad_scheduler_settings_are_named(pool):
   est, opt, trainers = pool
   for kw, msg in [({"quorum": 0.0}, r"quorum must be in \(0, 1\], got 0.0"),
@@ -154,10 +183,11 @@ def test_second_step_does_not_recompile(trainers):
   tr = trainers[2]
   learner, handle, _ = _run(tr, 2)
   sizes = [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots]
-  learner_side = (combine_stacked._cache_size(), outer._apply._cache_size())
+  learner_side = (tr._update._cache_size(), tr._flatten._cache_size())
   _run(tr, 3, learner=learner, handle=handle)
-  assert [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots] == sizes == [1, 1]
-  assert (combine_stacked._cache_size(), outer._apply._cache_size()) == learner_side
+  assert [ray.get(s.actor.jit_cache_size.remote()) for s in tr.scheduler.slots] == sizes
+  assert [s["estimate"] for s in sizes] == [1, 1] and all(s["unflatten"] >= 1 for s in sizes)
+  assert (tr._update._cache_size(), tr._flatten._cache_size()) == learner_side
 
 
 def test_checkpoint_round_trip_is_exact_across_worker_counts(trainers):
