@@ -105,6 +105,7 @@ class PoolWorker:
     self._unflatten = jax.jit(self._layout.unflatten)
     self._pack = jax.jit(self._pack_impl, static_argnums=1)
     self._steps_keys = {}
+    self._before = None   # (epoch, version, pools) the last run started from
 
   def node_id(self) -> str:
     return ray.get_runtime_context().get_node_id()
@@ -155,7 +156,7 @@ class PoolWorker:
     "compute_s"} or {"status": "uninitialized", "epoch"}. With `combine`, one row per
     (j, f), the pair-weighted mean of its shards, keyed by its first shard.
     """
-    epoch, seed, version, accumulate, init, combine = call
+    epoch, seed, version, accumulate, init, combine, undo = call
     if self._delay_s:
       time.sleep(self._delay_s)
     t0 = time.perf_counter()
@@ -164,6 +165,8 @@ class PoolWorker:
       self._init_pools(theta, seed, epoch)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
+    if undo is not None and not init and self._before is not None and self._before[:2] == (epoch, undo):
+      self._pools = self._before[2]   # the learner discarded that (prefetched) call
     if seed not in self._steps_keys:
       self._steps_keys[seed] = outer._run_keys(seed)[1]
     # Keys depend on (step, j, family) only: derived once, not once per shard.
@@ -185,18 +188,25 @@ class PoolWorker:
     # One device->host copy of one buffer: the copy and Ray's serialization both cost
     # per array, and this is on every step's path.
     rows = np.asarray(self._pack(estimates, groups))
-    self._pools = pools  # committed only once every shard has advanced
+    # Committed only once every shard has advanced; the old pools are kept for a
+    # checkpoint or an undo of this call while it is a prefetch.
+    self._before, self._pools = (epoch, version, self._pools), pools
     return {"status": "ok", "epoch": epoch, "version": version, "rows": rows,
             "units": [(k, row, n) for row, (k, n) in enumerate(units)],
             "compute_s": time.perf_counter() - t0}
 
-  def get_states(self, theta: np.ndarray, *, epoch: int, seed: int, init: bool) -> dict:
-    """The shards' pool states (host arrays), keyed by (family, shard)."""
+  def get_states(self, theta: np.ndarray, *, epoch: int, seed: int, init: bool,
+                 before: int | None = None) -> dict:
+    """The shards' pool states (host arrays), keyed by (family, shard); if the last
+    run was of version `before` (a prefetch), the states it started from."""
     if init:
       self._init_pools(self._unflatten(theta), seed, epoch)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
-    return {"status": "ok", "epoch": epoch, "states": {k: to_host(v) for k, v in self._pools.items()}}
+    pools = self._pools
+    if before is not None and self._before is not None and self._before[:2] == (epoch, before):
+      pools = self._before[2]
+    return {"status": "ok", "epoch": epoch, "states": {k: to_host(v) for k, v in pools.items()}}
 
   def set_states(self, states: dict, *, epoch: int) -> dict:
     """Replaces the shards' pools by `states` ((family, shard) -> host state)."""
@@ -271,6 +281,11 @@ class RayMetaTrainer:
     inline_theta_bytes: theta up to this size travels inside each worker call; larger
       theta is put in the object store once per step and every worker reads that copy.
     max_failures: worker failures tolerated over the run before giving up.
+    prefetch: at the end of a step, send the new theta to the idle workers at once,
+      so they compute while the caller logs or checkpoints and the next `step` only
+      waits. A next `step` with another learner or seed discards that work (the
+      workers rewind their pools), and `gather_states` returns the pools from before
+      it, so results are those without prefetching.
   """
 
   def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
@@ -280,7 +295,8 @@ class RayMetaTrainer:
                cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
                worker_env: dict[str, str] | None = None,
                compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100,
-               combine_on_worker: bool = False, inline_theta_bytes: int = 100_000):
+               combine_on_worker: bool = False, inline_theta_bytes: int = 100_000,
+               prefetch: bool = True):
     if not estimators:
       raise ValueError("RayMetaTrainer needs at least one estimator, got none")
     if not isinstance(accumulate, int) or accumulate < 1:
@@ -311,6 +327,8 @@ class RayMetaTrainer:
     self._flatten = jax.jit(self.layout.flatten)
     self._update = jax.jit(self._update_impl)
     self._flat_theta = (None, None)   # (meta_params, their flat host copy) of the last update
+    self.prefetch = prefetch
+    self._prefetched_for = ((None, None), None)   # ((version, seed), meta_params) sent ahead
 
   # ---- the MetaTrainer interface ------------------------------------------------------
   @property
@@ -343,21 +361,32 @@ class RayMetaTrainer:
 
   def step(self, seed: int, learner: outer.LearnerState,
            states: RayPools) -> tuple[outer.LearnerState, RayPools, dict]:
-    """One outer step: broadcast theta, gather shard estimates, one outer update."""
+    """One outer step: broadcast theta, gather shard estimates, one outer update; with
+    `prefetch`, then the broadcast of the next step's theta."""
     self._check_handle(states)
     t0 = time.perf_counter()
     version = int(learner.step)
-    self._theta = self._broadcast(learner.meta_params)
+    sched = self.scheduler
+    ahead = sched.prefetched is not None and self._prefetched_for[0] == (version, seed)
+    ahead = ahead and self._prefetched_for[1] is learner.meta_params
+    if sched.prefetched is not None and not ahead:
+      sched.discard_prefetch()   # sent for a learner or seed this call does not continue
+    if not ahead:
+      self._theta = self._broadcast(learner.meta_params)
     t_put = time.perf_counter() - t0
-    units, stats = self.scheduler.run_step(self._theta, seed=seed, version=version)
+    units, stats = sched.run_step(self._theta, seed=seed, version=version)
     t1 = time.perf_counter()
     learner, metrics, flat = self._update(learner, gather_rows(units))
     metrics = dict(metrics)
-    # Waits for the update (one execution gives theta, its flat copy and the metrics):
-    # the next step's broadcast then sends this copy without another dispatch.
+    # Waits for the update (one execution gives theta, its flat copy and the metrics).
     self._flat_theta = (learner.meta_params, np.asarray(flat))
-    stats["broadcast_s"] = t_put
-    stats["learner_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if self.prefetch:
+      self._theta = self._broadcast(learner.meta_params)
+      sched.prefetch(self._theta, seed=seed, version=version + 1)
+      self._prefetched_for = ((version + 1, seed), learner.meta_params)
+    stats["broadcast_s"] = t_put + time.perf_counter() - t2
+    stats["learner_s"] = t2 - t1
     metrics.update(stats)
     return learner, states, metrics
 

@@ -61,6 +61,7 @@ class RunCall(NamedTuple):
   accumulate: int
   init: bool
   combine: bool
+  undo: int | None = None   # first rewind the pools to before this version's run
 
 
 # ---- the shard layout: fixed by the config, not by the number of workers -----------
@@ -181,6 +182,7 @@ class _Slot:
   ref_version: int = -1
   ref_init: bool = False    # the call in flight initializes the pools first
   done_version: int = -1    # newest version whose result came back in this epoch
+  undo: int | None = None   # version of a discarded prefetched call the next call rewinds
   recovering: bool = False  # lost, and no call has succeeded since
   retry_at: float = 0.0     # monotonic time before which it is not sent work
   backoff_s: float = 0.0
@@ -211,6 +213,7 @@ class Scheduler:
     self.failures = 0
     self.log = log
     self._applied: set = set()
+    self.prefetched: int | None = None   # version sent ahead by `prefetch`, not yet run_step'ed
 
   def set_policy(self, *, quorum: float, timeout_s: float | None, max_staleness: int) -> None:
     """Sets the straggler and staleness policy (takes effect at the next step)."""
@@ -229,10 +232,12 @@ class Scheduler:
     """Starts a new run: forgets every worker's pools (the next call re-initializes them)
     and which estimates were applied."""
     self._applied = set()
+    self.prefetched = None
     for slot in self.slots:
       slot.epoch += 1
       slot.initialized = False
       slot.done_version = -1
+      slot.undo = None
 
   def run_step(self, theta, *, seed: int, version: int) -> tuple[dict, dict]:
     """Gathers unit estimates for outer step `version`.
@@ -245,7 +250,8 @@ class Scheduler:
     accepted: dict = {}
     start = time.monotonic()
     last_report = start
-    self._dispatch_idle(theta, seed, version, stats)
+    self.prefetched = None
+    self._dispatch_idle(theta, seed, version)
     while True:
       running_current = any(s.ref is not None and s.ref_version == version for s in self.slots)
       enough = sum(n for _, n in accepted.values()) >= self.required
@@ -262,7 +268,7 @@ class Scheduler:
       wait = min(waits)
       if not refs:
         time.sleep(wait)
-        self._dispatch_idle(theta, seed, version, stats)
+        self._dispatch_idle(theta, seed, version)
         continue
       ready, _ = ray.wait(refs, num_returns=1, timeout=wait)
       if ready:
@@ -270,7 +276,7 @@ class Scheduler:
       for ref in ready:
         slot = next(s for s in self.slots if s.ref is not None and s.ref == ref)
         self._receive(slot, version, accepted, stats)
-      self._dispatch_idle(theta, seed, version, stats)
+      self._dispatch_idle(theta, seed, version)
       now = time.monotonic()
       if not ready and now - last_report >= _POLL_S:
         waiting = [s.index for s in self.slots if s.ref is not None]
@@ -291,14 +297,31 @@ class Scheduler:
     stats["wait_s"] = time.monotonic() - start
     return {k: est for k, (est, _) in accepted.items()}, stats
 
-  def _dispatch_idle(self, theta, seed, version, stats) -> None:
+  def prefetch(self, theta, *, seed: int, version: int) -> None:
+    """Sends step `version` to the idle workers now, ahead of its `run_step`: the
+    workers compute while the caller logs, checkpoints or builds the next step. The
+    calls become that `run_step`'s calls; `discard_prefetch` undoes them instead."""
+    self._dispatch_idle(theta, seed, version)
+    self.prefetched = version
+
+  def discard_prefetch(self) -> None:
+    """Forgets the prefetched calls: their results are never read, and each worker's
+    next call first rewinds its pools to before them (calls to one actor run in order),
+    so the run goes on as if they had not been sent."""
+    for slot in self.slots:
+      if slot.ref is not None and slot.ref_version == self.prefetched:
+        slot.ref, slot.undo = None, self.prefetched
+    self.prefetched = None
+
+  def _dispatch_idle(self, theta, seed, version) -> None:
     now = time.monotonic()
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         init = not slot.initialized
         slot.ref_init = init
         slot.ref = slot.actor.run.remote(theta, RunCall(slot.epoch, seed, version, self.accumulate,
-                                                        init, self.combine_on_worker))
+                                                        init, self.combine_on_worker, slot.undo))
+        slot.undo = None
         slot.ref_version = version
         # Optimistic: if this call fails, _receive marks the pools lost again.
         slot.initialized = True
@@ -351,10 +374,10 @@ class Scheduler:
     return 1
 
   # ---- whole-pool calls (checkpoints) -----------------------------------------------------
-  def _call_all(self, call: Callable[[_Slot], Any]) -> dict:
-    """Runs `call(slot)` on every worker, re-issuing it on workers that die."""
+  def _call_all(self, call: Callable[[_Slot], Any], slots: Sequence[_Slot] | None = None) -> dict:
+    """Runs `call(slot)` on every worker (or on `slots`), re-issuing it on workers that die."""
     results = {}
-    todo = list(self.slots)
+    todo = list(self.slots if slots is None else slots)
     while todo:
       refs = {s.index: call(s) for s in todo}
       again = []
@@ -371,15 +394,21 @@ class Scheduler:
     return results
 
   def get_states(self, theta, *, seed: int) -> dict:
-    """{(family, shard): host pool state} from every worker (initializing empty ones)."""
+    """{(family, shard): host pool state} from every worker (initializing empty ones),
+    as of before any prefetched call (those are still to be applied)."""
     def call(slot):
       init = not slot.initialized
       slot.initialized = True
-      return slot.actor.get_states.remote(theta, epoch=slot.epoch, seed=seed, init=init)
+      before = self.prefetched if slot.undo is None else slot.undo
+      return slot.actor.get_states.remote(theta, epoch=slot.epoch, seed=seed, init=init,
+                                          before=before)
     out = {}
     for index, result in self._call_all(call).items():
       if result["status"] != "ok":
-        raise RuntimeError(f"worker {index} returned no pool states ({result['status']})")
+        # Restarted since its last call (e.g. during a prefetched one): fresh pools.
+        slot = self.slots[index]
+        slot.epoch, slot.initialized, slot.done_version = slot.epoch + 1, False, -1
+        result = self._call_all(call, [slot])[index]
       out.update(result["states"])
     return out
 
@@ -387,10 +416,12 @@ class Scheduler:
     """Replaces every worker's pools (a restored run: outer steps may be replayed, so
     the record of applied estimates restarts); calls in flight become stale."""
     self._applied = set()
+    self.prefetched = None
     def call(slot):
       slot.epoch += 1
       slot.initialized = True
       slot.done_version = -1
+      slot.undo = None
       mine = {(sh.family, sh.index): by_shard[sh.family, sh.index] for sh in slot.shards}
       return slot.actor.set_states.remote(mine, epoch=slot.epoch)
     self._call_all(call)

@@ -52,9 +52,12 @@ def test_run_survives_a_removed_node_and_keeps_learning(cluster, tmp_path, caplo
     hist = []
     caplog.set_level(logging.WARNING, logger="lopt.ray")
     for step in range(14):
+      if step == 4:
+        # Slows the victim from its next call on: step 5's, sent ahead at the end of
+        # step 4 (step 4's own call was prefetched before this and is already done).
+        ray.get(tr.scheduler.slots[victim].actor.inject_delay.remote(1.0))
       if step == 5:
         # The node goes away while its worker is inside this step's call.
-        ray.get(tr.scheduler.slots[victim].actor.inject_delay.remote(1.0))
         threading.Timer(0.3, cluster.remove_node, args=(node,)).start()
       learner, handle, metrics = tr.step(0, learner, handle)
       hist.append(jax.device_get(metrics))

@@ -210,6 +210,8 @@ def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog):
   victim = tr.scheduler.slots[0].actor
   old_pid = ray.get(victim.pid.remote())
   ray.get(victim.inject_delay.remote(1.5))
+  # Step 2 was prefetched before the delay: its call is done; step 3's is slow.
+  learner, handle, _ = _run(tr, 1, learner=learner, handle=handle)
   # Killed in the middle of a step: its call fails, Ray restarts the actor, the learner
   # re-sends the step with "initialize first".
   threading.Timer(0.5, lambda: ray.kill(victim, no_restart=False)).start()
@@ -221,7 +223,7 @@ def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog):
   assert ray.get(victim.pid.remote()) != old_pid
   assert "worker 0 lost" in caplog.text
   assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
-  assert int(learner.step) == 4
+  assert int(learner.step) == 5
 
 
 def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
@@ -229,6 +231,7 @@ def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
   tr.set_policy(quorum=0.5, timeout_s=0.3)
   learner, handle, _ = _run(tr, 1)
   ray.get(tr.scheduler.slots[1].actor.inject_delay.remote(2.0))
+  learner, handle, _ = _run(tr, 1, learner=learner, handle=handle)  # prefetched before the delay
   t0 = time.perf_counter()
   learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
   assert time.perf_counter() - t0 < 1.5   # did not wait for the 2 s straggler
@@ -236,7 +239,7 @@ def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
   ray.get(tr.scheduler.slots[1].actor.inject_delay.remote(0.0))  # queued behind its late call
   learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
   assert hist[0]["units_dropped_stale"] == 2 and hist[0]["staleness"] == 0
-  assert int(learner.step) == 3
+  assert int(learner.step) == 4
 
 
 def test_async_mode_applies_estimates_within_the_staleness_bound(trainers):
@@ -253,6 +256,25 @@ def test_async_mode_applies_estimates_within_the_staleness_bound(trainers):
   learner, handle, hist = _run(tr, 8, learner=learner, handle=handle)
   assert sum(h["units_dropped_stale"] for h in hist) > 0 and max(h["staleness"] for h in hist) <= 1
   assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
+
+
+def test_prefetched_step_is_undone_for_another_learner(trainers):
+  tr = trainers[2]
+  straight, _, _ = _run(tr, 4)
+  learner, handle, _ = _run(tr, 2)      # step 3 is now running ahead on the workers
+  assert tr.scheduler.prefetched == 2
+  for _ in range(2):
+    # Equal values in new arrays: not the learner the prefetch was sent for, so the
+    # workers rewind their pools and the step runs as if nothing had been sent.
+    learner = jax.tree.map(lambda x: x.copy(), learner)
+    learner, handle, _ = _run(tr, 1, learner=learner, handle=handle)
+  assert _equal(straight.meta_params, learner.meta_params)
+  tr.prefetch = False
+  try:
+    again, _, _ = _run(tr, 4)
+  finally:
+    tr.prefetch = True
+  assert tr.scheduler.prefetched is None and _equal(straight.meta_params, again.meta_params)
 
 
 def test_foreign_handle_reinitializes_pools(trainers, caplog):
