@@ -46,15 +46,26 @@ from learned_opt.meta_train.ray_pool import SINGLE_THREAD_ENV, RayMetaTrainer, c
 
 # ---- part 1 ------------------------------------------------------------------------------
 def _time_steps(trainer, seed, carry, steps):
-  """Runs `steps` outer steps; returns per-step wall times, the carry and metrics."""
+  """Runs `steps` outer steps; returns per-step wall times, the carry and metrics.
+
+  A prefetching Ray trainer does not prefetch after the block's last step: its workers
+  would otherwise compute the next block's first step while other modes are timed.
+  """
   learner, states = carry
   walls, metrics = [], []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    learner, states, m = trainer.step(seed, learner, states)
-    jax.block_until_ready(learner.meta_params)
-    walls.append(time.perf_counter() - t0)
-    metrics.append(m)
+  prefetch = getattr(trainer, "prefetch", False)
+  try:
+    for i in range(steps):
+      if prefetch and i == steps - 1:
+        trainer.prefetch = False
+      t0 = time.perf_counter()
+      learner, states, m = trainer.step(seed, learner, states)
+      jax.block_until_ready(learner.meta_params)
+      walls.append(time.perf_counter() - t0)
+      metrics.append(m)
+  finally:
+    if prefetch:
+      trainer.prefetch = True
   return walls, (learner, states), jax.device_get(metrics)
 
 
@@ -82,10 +93,11 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   est = config_lib.build_estimators(cfg, lopt)
   opt = config_lib.build_outer_optimizer(cfg.outer)
   trainers = {"in-process": MetaTrainer(est, opt, accumulate=cfg.outer.accumulate)}
-  for w in (1, 2):
-    trainers[f"ray {w} worker{'s' * (w > 1)}"] = RayMetaTrainer(
-        est, opt, accumulate=cfg.outer.accumulate, num_workers=w, cpus_per_worker=0.5,
-        compilation_cache_dir=cache_dir)
+  for name, w, prefetch in (("ray 1 worker", 1, True), ("ray 1 worker, no prefetch", 1, False),
+                            ("ray 2 workers", 2, True)):
+    trainers[name] = RayMetaTrainer(est, opt, accumulate=cfg.outer.accumulate, num_workers=w,
+                                    cpus_per_worker=0.5, compilation_cache_dir=cache_dir,
+                                    prefetch=prefetch)
   in_actor = ray.remote(InProcessInActor).options(
       num_cpus=0.5, runtime_env={"env_vars": SINGLE_THREAD_ENV}).remote(config_lib.config_to_dict(cfg))
   carries = {}
@@ -93,14 +105,17 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
     carries[name] = tr.init(cfg.seed)
     _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
   rates = {name: [] for name in list(trainers) + ["in-process, in an actor"]}
-  overhead = []     # (Ray's broadcast + gather ms, share of the step) per 1-worker step
+  # Per 1-worker step: Ray's broadcast + gather (step wall - worker compute, ms), its
+  # share of the step, and the learner's update (ms).
+  overhead = {"ray 1 worker": [], "ray 1 worker, no prefetch": []}
   per_step = trainers["in-process"].inner_steps_per_outer_step
   for _ in range(repeats):
     for name, tr in trainers.items():
       walls, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
       rates[name].append(steps * per_step / sum(walls))
-      if name == "ray 1 worker":
-        overhead += [(w - m["worker_compute_s"], 1 - m["worker_compute_s"] / w) for w, m in zip(walls, ms)]
+      if name in overhead:
+        overhead[name] += [(w - m["worker_compute_s"], 1 - m["worker_compute_s"] / w, m["learner_s"])
+                           for w, m in zip(walls, ms)]
     rates["in-process, in an actor"].append(steps * per_step / sum(ray.get(in_actor.run.remote(steps))))
   ray.kill(in_actor)
   for tr in trainers.values():
@@ -113,10 +128,12 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
                  "ratio_best": max(r) / max(rates["in-process"]),
                  "ratio_median_vs_actor": statistics.median(r) / statistics.median(rates["in-process, in an actor"]),
                  "ratio_best_vs_actor": max(r) / max(rates["in-process, in an actor"])}
-  out["overhead_ms_median"] = 1e3 * statistics.median(o[0] for o in overhead)
-  out["overhead_ms_min"] = 1e3 * min(o[0] for o in overhead)
-  out["overhead_share_median"] = statistics.median(o[1] for o in overhead)
-  out["overhead_share_min"] = min(o[1] for o in overhead)
+  for name, o in overhead.items():
+    out[name].update(overhead_ms_median=1e3 * statistics.median(x[0] for x in o),
+                     overhead_ms_min=1e3 * min(x[0] for x in o),
+                     overhead_share_median=statistics.median(x[1] for x in o),
+                     overhead_share_min=min(x[1] for x in o),
+                     learner_ms_median=1e3 * statistics.median(x[2] for x in o))
   out["step_s"] = trainers["in-process"].inner_steps_per_outer_step / statistics.median(rates["in-process"])
   return out
 
@@ -230,22 +247,27 @@ def main():
   args = p.parse_args()
   cfg = config_lib.load_config(resolve_config_path(args.config))
   connect(num_cpus=2)   # local Ray, workers at the learner's priority
+  load = [os.getloadavg()]
   try:
     tp = None
     if args.compute_ms is None:
       tp = throughput(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
       print(f"\n== throughput, config {cfg.name} ({args.repeats} interleaved blocks of {args.steps} "
             "outer steps; one XLA thread per process) ==")
-      print(f"{'mode':<25}{'median steps/s':>15}{'vs in-process':>15}{'vs in actor':>13}"
+      print(f"{'mode':<27}{'median steps/s':>13}{'vs in-process':>15}{'vs in actor':>13}"
             f"{'best steps/s':>14}{'vs in-process':>15}{'vs in actor':>13}")
-      for name in ("in-process", "in-process, in an actor", "ray 1 worker", "ray 2 workers"):
+      for name in ("in-process", "in-process, in an actor", "ray 1 worker",
+                   "ray 1 worker, no prefetch", "ray 2 workers"):
         r = tp[name]
-        print(f"{name:<25}{r['median']:>15,.0f}{r['ratio_median']:>15.1%}{r['ratio_median_vs_actor']:>13.1%}"
+        print(f"{name:<27}{r['median']:>13,.0f}{r['ratio_median']:>15.1%}{r['ratio_median_vs_actor']:>13.1%}"
               f"{r['best']:>14,.0f}{r['ratio_best']:>15.1%}{r['ratio_best_vs_actor']:>13.1%}")
       print(f"outer step in-process: {1e3 * tp['step_s']:.0f} ms (median). Ray's broadcast + gather "
-            f"per step, 1 worker (step wall - worker compute): median {tp['overhead_ms_median']:.1f} ms "
-            f"= {tp['overhead_share_median']:.1%} of the step, best {tp['overhead_ms_min']:.1f} ms "
-            f"= {tp['overhead_share_min']:.1%}")
+            "per step, 1 worker (step wall - worker compute):")
+      for name in ("ray 1 worker", "ray 1 worker, no prefetch"):
+        r = tp[name]
+        print(f"  {name:<27} median {r['overhead_ms_median']:.1f} ms = {r['overhead_share_median']:.1%} "
+              f"of the step, best {r['overhead_ms_min']:.1f} ms = {r['overhead_share_min']:.1%}; "
+              f"of which learner update {r['learner_ms_median']:.2f} ms")
 
     rows = transfer_overhead(args.sizes_kb, steps=args.steps, num_tasks=args.echo_tasks, workers=2,
                              opt=config_lib.build_outer_optimizer(cfg.outer))
@@ -275,9 +297,11 @@ def main():
                                  for s in sizes))
   finally:
     ray.shutdown()
+  load.append(os.getloadavg())
+  print(f"\nload average (1, 5, 15 min) at start {load[0]}, at end {load[1]} on {os.cpu_count()} cores")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"throughput": tp, "transfer": rows, "model": model}, f, indent=1)
+      json.dump({"throughput": tp, "transfer": rows, "model": model, "load": load}, f, indent=1)
   return 0
 
 

@@ -31,13 +31,11 @@ import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import ray
 import ray.exceptions
 
-from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
+from learned_opt.meta_train.ray_worker import RunCall
 
 # Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
@@ -51,17 +49,6 @@ class Shard(NamedTuple):
   index: int
   start: int
   stop: int
-
-
-class RunCall(NamedTuple):
-  """The settings of one `PoolWorker.run` call (see there)."""
-  epoch: int
-  seed: int
-  version: int
-  accumulate: int
-  init: bool
-  combine: bool
-  undo: int | None = None   # first rewind the pools to before this version's run
 
 
 # ---- the shard layout: fixed by the config, not by the number of workers -----------
@@ -93,70 +80,6 @@ def assign_shards(shards: Sequence[Shard], num_workers: int) -> list[list[Shard]
                      "use fewer workers, more tasks, or a smaller tasks_per_shard")
   bounds = np.linspace(0, len(shards), num_workers + 1).round().astype(int)
   return [list(shards[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-# ---- what travels: estimates and theta as flat float32 rows --------------------------
-class RowLayout:
-  """One `GradEstimate` as one float32 row [grad leaves raveled | meta_loss | num_pairs |
-  counts], and theta as the grad part alone.
-
-  Ray serializes every array of a message on its own (a pickle-5 buffer and metadata
-  each): one row buffer instead of a ~15-leaf pytree halves the round trip of a step's
-  call here (measured 3.5 -> 1.9 ms). Integer fields (pair and event counts) are exact
-  in float32 below 2**24. The methods are traceable; `pack_many` and `mean_rows` are
-  what jitted code on the workers and the learner calls.
-
-  Args:
-    meta_params: theta or its `jax.eval_shape`; every leaf must be floating point of at
-      most 32 bits (it travels as float32 and is cast back).
-    count_names: the keys of `GradEstimate.counts`, in row order.
-  """
-
-  def __init__(self, meta_params: Any, count_names: Sequence[str] = COUNT_NAMES):
-    leaves, self.treedef = jax.tree.flatten(meta_params)
-    for path, x in jax.tree_util.tree_flatten_with_path(meta_params)[0]:
-      if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize <= 4):
-        raise ValueError(f"meta-parameter {jax.tree_util.keystr(path)} has dtype {x.dtype}; "
-                         "the Ray pool sends theta as float32 and expects floating leaves of "
-                         "at most 32 bits")
-    self.shapes = [tuple(x.shape) for x in leaves]
-    self.dtypes = [x.dtype for x in leaves]
-    self.offsets = np.cumsum([0] + [math.prod(sh) for sh in self.shapes]).tolist()
-    self.grad_size = self.offsets[-1]
-    self.count_names = tuple(count_names)
-    self.width = self.grad_size + 2 + len(self.count_names)
-
-  def flatten(self, tree: Any) -> jax.Array:
-    """float32 [grad_size]."""
-    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
-
-  def unflatten(self, flat: jax.Array) -> Any:
-    leaves = [flat[a:b].reshape(sh).astype(dt) for a, b, sh, dt in
-              zip(self.offsets[:-1], self.offsets[1:], self.shapes, self.dtypes)]
-    return jax.tree.unflatten(self.treedef, leaves)
-
-  def pack(self, est: GradEstimate) -> jax.Array:
-    scalars = [est.meta_loss, est.num_pairs] + [est.counts[k] for k in self.count_names]
-    return jnp.concatenate([self.flatten(est.grad), jnp.stack(scalars).astype(jnp.float32)])
-
-  def unpack(self, row: jax.Array) -> GradEstimate:
-    g = self.grad_size
-    return GradEstimate(grad=self.unflatten(row[:g]), meta_loss=row[g],
-                        num_pairs=row[g + 1].astype(jnp.int32),
-                        counts={k: row[g + 2 + i].astype(jnp.int32) for i, k in enumerate(self.count_names)})
-
-  def pack_many(self, estimates: Sequence[GradEstimate]) -> jax.Array:
-    """float32 [len(estimates), width]."""
-    return jnp.stack([self.pack(e) for e in estimates])
-
-  def mean_rows(self, rows: jax.Array) -> jax.Array:
-    """The row of `combine_estimates` of rows [n, width]: pair-weighted mean of grad and
-    meta_loss, sums of the counts. One reduction over a fixed-length axis, so rows in a
-    fixed order give the same result whichever workers they came from."""
-    g = self.grad_size
-    weights = rows[:, g + 1]
-    mean = jnp.tensordot(weights, rows[:, :g + 1], axes=1) / jnp.sum(weights)
-    return jnp.concatenate([mean, jnp.sum(rows[:, g + 1:], axis=0)])
 
 
 def gather_rows(units: dict) -> np.ndarray:

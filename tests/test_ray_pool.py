@@ -19,9 +19,9 @@ from learned_opt.meta_train.cli import main
 from learned_opt.meta_train.outer import MetaTrainer
 from learned_opt.meta_train.runner import run_meta_training
 from learned_opt.meta_train.ray_pool import RayMetaTrainer, RayPools, from_host, to_host
-from learned_opt.meta_train import outer
 from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate, combine_estimates
-from learned_opt.meta_train.ray_scheduler import RowLayout, assign_shards, gather_rows, make_shards
+from learned_opt.meta_train.ray_scheduler import assign_shards, gather_rows, make_shards
+from learned_opt.meta_train.ray_worker import RowLayout
 
 # A learned step size on 32-d quadratics (4 tasks, 5-step truncations): short compiles.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",
