@@ -27,7 +27,7 @@ that are linear in the statistics (e.g. plain SGD) are exactly representable.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax

@@ -19,7 +19,7 @@ distribution (the motivation of "nominal" terms in VeLO-style optimizers).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp

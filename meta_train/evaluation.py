@@ -22,12 +22,12 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from learned_opt.meta_train import eval_metrics as M
 from learned_opt.meta_train import eval_optimizers
 from learned_opt.meta_train.eval_suites import get_suite
 from learned_opt.tasks.registry import SuiteTask
+from learned_opt.tasks.training import scan_steps
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
@@ -76,22 +76,9 @@ def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_s
     return jnp.mean(jax.vmap(lambda k: task.loss(params, k, task.batch(k, split)))(eval_keys))
 
   def one(h, key):
-    opt = optax.with_extra_args_support(make(h, aux, num_steps))
     k_init, k_data = jax.random.split(key)
-    params = task.init(k_init)
-    fixed_batch = task.full_batch() if full_batch else None
-
-    def step(carry, step_key):
-      params, opt_state = carry
-      batch = fixed_batch if full_batch else task.batch(step_key)
-      value_fn = lambda p: task.loss(p, step_key, batch)
-      loss, grads = jax.value_and_grad(value_fn)(params)
-      updates, opt_state = opt.update(grads, opt_state, params, loss=loss, value_fn=value_fn,
-                                      key=step_key)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
-                                       jax.random.split(k_data, num_steps))
+    params, losses = scan_steps(task, make(h, aux, num_steps), task.init(k_init),
+                                jax.random.split(k_data, num_steps), full_batch=full_batch)
     return losses, eval_loss(params, "train"), eval_loss(params, "test")
 
   return jax.vmap(lambda h: jax.vmap(lambda k: one(h, k))(keys))(hparams)

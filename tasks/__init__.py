@@ -16,4 +16,4 @@ from learned_opt.tasks.quadratic import QuadraticCfg, QuadraticFamily
 from learned_opt.tasks.registry import (HELDOUT_SUITE, META_TRAIN_FAMILIES, META_TRAIN_HORIZON,
                                         REAL_DATA_FAMILIES, FamilySpec, SuiteTask, family_names,
                                         get_family, get_suite_task)
-from learned_opt.tasks.training import TrainResult, evaluate, train
+from learned_opt.tasks.training import TrainResult, evaluate, scan_steps, train

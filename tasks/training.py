@@ -37,11 +37,19 @@ def train(task: Task, optimizer: optax.GradientTransformation, *, num_steps: int
   return _train(task, optimizer, num_steps, full_batch, key)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _train(task, optimizer, num_steps, full_batch, key):
+def scan_steps(task: Task, optimizer: optax.GradientTransformation, params: Params,
+               step_keys: jax.Array, *, full_batch: bool) -> tuple[Params, jax.Array]:
+  """The inner training loop every lopt trainer shares (traceable, not jitted).
+
+  One `lax.scan` step per key: draw the batch from the key (or use the task's full
+  batch), take `value_and_grad` of the loss, and apply the optimizer's update with the
+  extra arguments `loss`, `value_fn` and `key`. `train`, the learning-rate tuner and
+  the evaluation grid call this, so they see identical batches for identical keys.
+
+  Returns:
+    (final params, [len(step_keys)] training loss before each update).
+  """
   opt = optax.with_extra_args_support(optimizer)
-  k_init, k_data = jax.random.split(key)
-  params = task.init(k_init)
   fixed_batch = task.full_batch() if full_batch else None
 
   def step(carry, step_key):
@@ -53,8 +61,16 @@ def _train(task, optimizer, num_steps, full_batch, key):
                                     key=step_key)
     return (optax.apply_updates(params, updates), opt_state), loss
 
-  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(k_data, num_steps))
-  last_batch = fixed_batch if full_batch else task.batch(jax.random.fold_in(k_data, num_steps))
+  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), step_keys)
+  return params, losses
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _train(task, optimizer, num_steps, full_batch, key):
+  k_init, k_data = jax.random.split(key)
+  params, losses = scan_steps(task, optimizer, task.init(k_init),
+                              jax.random.split(k_data, num_steps), full_batch=full_batch)
+  last_batch = task.full_batch() if full_batch else task.batch(jax.random.fold_in(k_data, num_steps))
   return TrainResult(losses, params, task.loss(params, k_data, last_batch))
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from learned_opt.tasks.base import Task
+from learned_opt.tasks.training import scan_steps
 
 MakeOptimizer = Callable[[jax.Array], optax.GradientTransformation]
 
@@ -64,22 +65,9 @@ def _train_grid(task: Task, lrs: jax.Array, key: jax.Array, *, make_optimizer: M
   # Outside the vmap: the initialization and batches do not depend on the learning rate,
   # so they are computed once and shared by every grid value.
   params0 = task.init(k_init)
-  fixed_batch = task.full_batch() if full_batch else None
 
   def run(lr):
-    opt = optax.with_extra_args_support(make_optimizer(lr))
-
-    def step(carry, step_key):
-      params, opt_state = carry
-      batch = fixed_batch if full_batch else task.batch(step_key)
-      value_fn = lambda p: task.loss(p, step_key, batch)
-      loss, grads = jax.value_and_grad(value_fn)(params)
-      updates, opt_state = opt.update(grads, opt_state, params, loss=loss, value_fn=value_fn,
-                                      key=step_key)
-      return (optax.apply_updates(params, updates), opt_state), loss
-
-    _, losses = jax.lax.scan(step, (params0, opt.init(params0)), step_keys)
-    return losses
+    return scan_steps(task, make_optimizer(lr), params0, step_keys, full_batch=full_batch)[1]
 
   return jax.vmap(run)(lrs)
 
