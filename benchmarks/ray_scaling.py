@@ -96,10 +96,12 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   for name, w, prefetch in (("ray 1 worker", 1, True), ("ray 1 worker, no prefetch", 1, False),
                             ("ray 2 workers", 2, True)):
     trainers[name] = RayMetaTrainer(est, opt, accumulate=cfg.outer.accumulate, num_workers=w,
-                                    cpus_per_worker=0.5, compilation_cache_dir=cache_dir,
+                                    cpus_per_worker=0.25, compilation_cache_dir=cache_dir,
                                     prefetch=prefetch)
+  # Ray CPUs are scheduling tokens here (every process runs one XLA thread): 0.25 each
+  # lets the 4 worker actors and this one fit on the 2 CPUs of the local Ray.
   in_actor = ray.remote(InProcessInActor).options(
-      num_cpus=0.5, runtime_env={"env_vars": SINGLE_THREAD_ENV}).remote(config_lib.config_to_dict(cfg))
+      num_cpus=0.25, runtime_env={"env_vars": SINGLE_THREAD_ENV}).remote(config_lib.config_to_dict(cfg))
   carries = {}
   for name, tr in trainers.items():     # compile and warm up
     carries[name] = tr.init(cfg.seed)
