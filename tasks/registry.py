@@ -3,7 +3,8 @@
 Two registries, kept apart on purpose: `META_TRAIN_FAMILIES` (offline, synthetic or
 quadratic; what learned optimizers are meta-trained on) and `HELDOUT_SUITE` (other
 datasets, architectures, 4x wider models and 10x longer horizons than meta-training,
-including the real MNIST files and tiny shakespeare) for evaluation. `REAL_DATA_FAMILIES`
+including the real MNIST files and tiny shakespeare) for evaluation; `HELDOUT_OFFLINE` is a
+held-out suite on generated data only (the README Quickstart's). `REAL_DATA_FAMILIES`
 are further families on named datasets for users. A name maps to a builder
 `data_dir -> TaskFamily`; datasets load lazily, on first use.
 """
@@ -117,7 +118,34 @@ HELDOUT_SHORT: dict[str, SuiteTask] = {t.name: t for t in [
     HELDOUT_SUITE["quadratic_illcond_long"],
     dataclasses.replace(HELDOUT_SUITE["lstm_tiny_shakespeare"], num_steps=100),
 ]}
-SUITES: dict[str, dict[str, SuiteTask]] = {"heldout": HELDOUT_SUITE, "heldout_short": HELDOUT_SHORT}
+
+
+def _rgb32_images(data_dir):
+  del data_dir  # generated offline
+  return datasets.synthetic_images(image_shape=(32, 32, 3), seed=1)
+
+
+# The README Quickstart's held-out suite: no data files, a few minutes on 2 CPU cores
+# (convolutional and recurrent models are left out: on CPU they cost minutes per task).
+# Every task lies outside every meta-training family's distribution: other conditioning
+# or dimension, 5-10x longer horizons, a 4x wider model, another input size.
+HELDOUT_OFFLINE: dict[str, SuiteTask] = {t.name: t for t in [
+    HELDOUT_SUITE["quadratic_illcond_long"],
+    SuiteTask("quadratic_wide_noisy",
+              lambda d: QuadraticFamily(dim=256, log10_cond_range=(2.0, 2.0), noise_range=(0.3, 0.3)),
+              1000, "offline", "256-d quadratic (8x meta-training's), gradient noise 0.3 (3x), "
+              "5x horizon"),
+    SuiteTask("mlp_narrow_long_synthetic",
+              lambda d: MLPImageFamily(_SYN_IMG(d), width_range=(32, 32), max_depth=2),
+              5 * META_TRAIN_HORIZON, "offline", "MLP 256-32-32-10 on synthetic images at a 5x "
+              "longer horizon"),
+    dataclasses.replace(HELDOUT_SUITE["mlp_wide_synthetic"], num_steps=60),
+    SuiteTask("mlp_rgb32_synthetic",
+              lambda d: MLPImageFamily(_rgb32_images(d), width_range=(64, 64), max_depth=2), 100,
+              "offline", "MLP 3072-64-64-10 on synthetic 32x32 color images (other input size)"),
+]}
+SUITES: dict[str, dict[str, SuiteTask]] = {"heldout": HELDOUT_SUITE, "heldout_short": HELDOUT_SHORT,
+                                           "heldout_offline": HELDOUT_OFFLINE}
 
 
 def _all_families() -> dict[str, FamilySpec]:
