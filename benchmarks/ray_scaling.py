@@ -107,8 +107,9 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
     carries[name] = tr.init(cfg.seed)
     _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
   rates = {name: [] for name in list(trainers) + ["in-process, in an actor"]}
-  # Per 1-worker step: Ray's broadcast + gather (step wall - worker compute, ms), its
-  # share of the step, and the learner's update (ms).
+  # Per block of 1-worker steps: Ray's broadcast + gather per step (wall - worker compute,
+  # ms), its share of the wall, and the learner's update (ms). Per block, not per step:
+  # with prefetch a step's call starts inside the previous step.
   overhead = {"ray 1 worker": [], "ray 1 worker, no prefetch": []}
   per_step = trainers["in-process"].inner_steps_per_outer_step
   for _ in range(repeats):
@@ -116,8 +117,9 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
       walls, carries[name], ms = _time_steps(tr, cfg.seed, carries[name], steps)
       rates[name].append(steps * per_step / sum(walls))
       if name in overhead:
-        overhead[name] += [(w - m["worker_compute_s"], 1 - m["worker_compute_s"] / w, m["learner_s"])
-                           for w, m in zip(walls, ms)]
+        compute = sum(m["worker_compute_s"] for m in ms)
+        overhead[name].append(((sum(walls) - compute) / steps, 1 - compute / sum(walls),
+                               statistics.median(m["learner_s"] for m in ms)))
     rates["in-process, in an actor"].append(steps * per_step / sum(ray.get(in_actor.run.remote(steps))))
   ray.kill(in_actor)
   for tr in trainers.values():
@@ -264,7 +266,7 @@ def main():
         print(f"{name:<27}{r['median']:>13,.0f}{r['ratio_median']:>15.1%}{r['ratio_median_vs_actor']:>13.1%}"
               f"{r['best']:>14,.0f}{r['ratio_best']:>15.1%}{r['ratio_best_vs_actor']:>13.1%}")
       print(f"outer step in-process: {1e3 * tp['step_s']:.0f} ms (median). Ray's broadcast + gather "
-            "per step, 1 worker (step wall - worker compute):")
+            "per step, 1 worker ((block wall - worker compute) / steps; median and best block):")
       for name in ("ray 1 worker", "ray 1 worker, no prefetch"):
         r = tp[name]
         print(f"  {name:<27} median {r['overhead_ms_median']:.1f} ms = {r['overhead_share_median']:.1%} "
