@@ -4,12 +4,18 @@
     python benchmarks/saferate.py --part speed         # SafeRate[Adam] vs Adam step time
     python benchmarks/saferate.py --part tightness     # eta* vs a dense line search
     python benchmarks/saferate.py --part mnist --data-dir /path/with/mnist --out figs/
+    python benchmarks/saferate.py --part families  # soundness on every task family
 
 speed: jitted full-batch steps of Adam and SafeRate[Adam] on the MLP and transformer LM
   task families (default configs), timed interleaved in one run; also the pieces
   (value_and_grad, the enclosure pass alone) so the ratio can be attributed.
 tightness: along SafeRate[Adam] runs, the bound's minimizer eta* against the best eta of
   a dense search of f; prints the distribution of eta_best / eta* (see `tightness`).
+families: the soundness check of tests/test_bounds.py (slow) with its numbers printed:
+  every meta-training task family, two sampled configs, a random unit-norm direction,
+  at the largest trust region t in 1e-1..1e-6 where the bound is finite and at 10 t;
+  the enclosure [lo, hi] against the observed remainder (f(eta) - f(0) - f'(0) eta) / eta^2
+  over 1,000 eta in [0, t], and the worst margin of the bound relative to 1 + |f|.
 mnist: Streeter & Dillon (2022), Fig. 5 setting: a one-hidden-layer MLP on 1,000 MNIST
   images (the t10k file's first 1,000), full batch, float64; Adam with its learning rate
   tuned on a log grid (best final loss) vs SafeRate[Adam]; training loss on a log axis,
@@ -18,6 +24,7 @@ mnist: Streeter & Dillon (2022), Fig. 5 setting: a one-hidden-layer MLP on 1,000
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import time
@@ -31,7 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from learned_opt.baselines import adam_direction, saferate_adam, saferate_step  # noqa: E402
-from learned_opt.bounds import taylor_bounds  # noqa: E402
+from learned_opt.bounds import enclosure, fusion, taylor_bounds  # noqa: E402
 
 
 def _cast(tree, dtype):
@@ -52,6 +59,20 @@ def _task(name, dtype):
   return params, (lambda p: task.loss(p, jax.random.key(0), batch))
 
 
+@contextlib.contextmanager
+def _before_speedups():
+  """Traces as the bounds did before the gelu/silu chain rules and before matmuls outside
+  recurrences stopped carrying a value range."""
+  new_bilinear, new_const = enclosure.bilinear, enclosure.bilinear_const
+  enclosure.bilinear = lambda op, a, b, t, **_: new_bilinear(op, a, b, t, ranges=True)
+  enclosure.bilinear_const = lambda op, a, b, t, **_: new_const(op, a, b, t, ranges=True)
+  try:
+    with fusion.disabled():
+      yield
+  finally:
+    enclosure.bilinear, enclosure.bilinear_const = new_bilinear, new_const
+
+
 def _timeit(fn, args, repeats):
   out = fn(*args)
   jax.block_until_ready(out)
@@ -66,7 +87,7 @@ def _timeit(fn, args, repeats):
 def speed(args):
   print("== speed: median seconds per full-batch step (jitted), ratio to Adam ==")
   for name in args.speed_tasks.split(","):
-    for dtype in (jnp.float32, jnp.float64):
+    for dtype in [jnp.dtype(x) for x in args.dtypes.split(",")]:
       params, loss = _task(name, dtype)
       adam, safe = optax.adam(1e-3), saferate_adam()
       sa, ss = adam.init(params), safe.init(params)
@@ -78,22 +99,31 @@ def speed(args):
         u, s = adam.update(g, s, p)
         return optax.apply_updates(p, u), s, v
 
-      @jax.jit
-      def safe_step(p, s):
+      def safe_step_fn(p, s):
         v, g = jax.value_and_grad(loss)(p)
         u, s = safe.update(g, s, p, value_fn=loss)
         return optax.apply_updates(p, u), s, v
+      safe_step = jax.jit(safe_step_fn)
 
+      bound = lambda p, d: taylor_bounds(loss, p, d, 1e-2)
       pieces = {
           "forward": (jax.jit(loss), (params,)),
           "value_and_grad": (jax.jit(jax.value_and_grad(loss)), (params,)),
-          "bound pass": (jax.jit(lambda p, d: taylor_bounds(loss, p, d, 1e-2)), (params, d)),
+          "bound pass": (jax.jit(bound), (params, d)),
           "adam step": (adam_step, (params, sa)),
           "saferate[adam] step": (safe_step, (params, ss)),
       }
+      if args.before:  # the same pieces traced as before the speed-ups
+        pieces["bound pass, before"] = (jax.jit(lambda p, d: bound(p, d)), (params, d))
+        pieces["saferate step, before"] = (jax.jit(lambda p, s: safe_step_fn(p, s)),
+                                           (params, ss))
       t0 = time.perf_counter()
-      for fn, a in pieces.values():  # compile everything first
-        jax.block_until_ready(fn(*a))
+      for k, (fn, a) in pieces.items():  # compile everything first
+        with _before_speedups() if "before" in k else contextlib.nullcontext():
+          out = jax.block_until_ready(fn(*a))
+        if "bound" in k:
+          print(f"  {k}: remainder at t = 1e-2 [{float(out.remainder.lo):.4g}, "
+                f"{float(out.remainder.hi):.4g}]")
       compile_s = time.perf_counter() - t0
       # Interleave the repeats so load changes on a shared machine hit both alike.
       times = {k: [] for k in pieces}
@@ -102,11 +132,15 @@ def speed(args):
           times[k].append(_timeit(fn, a, 1))
       med = {k: float(np.median(v)) for k, v in times.items()}
       base = med["adam step"]
-      print(f"{name} {jnp.dtype(dtype).name} (compile of all pieces {compile_s:.0f}s)")
+      print(f"{name} {jnp.dtype(dtype).name} (compile of all pieces {compile_s:.0f}s; load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
       for k, v in med.items():
         print(f"  {k:22s} {v * 1e3:9.2f} ms   {v / base:5.2f}x Adam step"
               f"   {v / med['forward']:6.2f}x forward")
       print(f"  => SafeRate[Adam] / Adam = {med['saferate[adam] step'] / base:.2f}x")
+      if args.before:
+        print(f"  => before the speed-ups: {med['saferate step, before'] / base:.2f}x; "
+              f"bound pass now / before = {med['bound pass'] / med['bound pass, before']:.2f}")
 
 
 def tightness(args):
@@ -152,6 +186,56 @@ def tightness(args):
           + " ".join(f"{x:.3g}" for x in np.quantile(r, qs))
           + f"; within 2x: {np.mean(r <= 2):.0%}, within 4x: {np.mean(r <= 4):.0%}")
     print("  share of the best decrease, quantiles: " + " ".join(f"{x:.2f}" for x in np.quantile(sh, qs)))
+
+
+def _family_case(name, seed):
+  """As tests/test_bounds.py: a sampled config, float64 (LSTM float32: flax's LSTM carry
+  is float32 whatever the params), a random unit-norm direction."""
+  from learned_opt.tasks import get_family
+  fam = get_family(name)
+  task = fam.task(fam.sample(jax.random.key(seed)))
+  dtype = jnp.float32 if "lstm" in name else jnp.float64
+  params = _cast(task.init(jax.random.key(seed + 10)), dtype)
+  batch = _cast(task.full_batch(), dtype)
+  leaves, tdef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  d = tdef.unflatten([jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else jnp.zeros_like(x) for k, x in zip(keys, leaves)])
+  norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(d)))
+  d = jax.tree_util.tree_map(lambda x: x / norm, d)
+  return params, d, (lambda p: task.loss(p, jax.random.key(0), batch))
+
+
+def families(args):
+  print("== families: enclosure soundness on every task family (1,000 eta per trust region) ==")
+  print("   remainder: the bound [lo, hi] and the observed range of (f - f(0) - f'(0) eta) / eta^2;")
+  print("   margin: min over eta of min(upper - f, f - lower) / (1 + |f|) (>= -rtol passes)")
+  for name in args.families.split(","):
+    rtol = 1e-5 if "lstm" in name else 1e-9
+    for seed in range(2):
+      params, d, loss = _family_case(name, seed)
+      bound = jax.jit(lambda p, d, t: taylor_bounds(loss, p, d, t))
+      step = lambda p, e: jax.tree_util.tree_map(
+          lambda a, b: a + e * b if jnp.issubdtype(a.dtype, jnp.floating) else a, p, d)
+      along = jax.jit(lambda p, etas: jax.lax.map(lambda e: loss(step(p, e)), etas, batch_size=25))
+      finite_t = next((t for t in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+                       if np.isfinite(float(bound(params, d, t).remainder.hi))), None)
+      if finite_t is None:
+        print(f"  {name} seed {seed}: no finite bound down to t = 1e-6  FAIL")
+        continue
+      for t in (finite_t, 10 * finite_t):
+        b = bound(params, d, t)
+        etas = np.concatenate([np.random.default_rng(seed).uniform(0, t, 999), [t]])
+        f = np.asarray(along(params, jnp.asarray(etas, b.value.dtype)), np.float64)
+        v, s = float(b.value), float(b.slope)
+        lo, hi = float(b.remainder.lo), float(b.remainder.hi)
+        lin = v + s * etas
+        margin = np.min(np.minimum(lin + hi * etas**2 - f, f - lin - lo * etas**2) / (1 + np.abs(f)))
+        obs = (f - lin) / etas**2
+        ok = margin >= -rtol
+        print(f"  {name:22s} seed {seed} {jnp.dtype(b.value.dtype).name} t={t:.0e}: bound [{lo:.3g}, {hi:.3g}]"
+              f"  observed [{obs.min():.3g}, {obs.max():.3g}]  margin {margin:.2e}  {'pass' if ok else 'FAIL'}",
+              flush=True)
 
 
 def _mnist(data_dir, n):
@@ -244,10 +328,16 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--part", default="speed,tightness,mnist")
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--before", action="store_true",
+                 help="speed: also time the pieces traced as before the gelu/silu rules and "
+                      "range-free matmuls, side by side")
+  p.add_argument("--dtypes", default="float32,float64")
   p.add_argument("--speed-tasks", default="mlp_synthetic,transformer_synthetic")
   p.add_argument("--tight-tasks", default="logreg_synthetic,mlp_synthetic,mlp_tanh")
   p.add_argument("--tight-steps", type=int, default=200)
   p.add_argument("--tight-every", type=int, default=5)
+  p.add_argument("--families", default="quadratic,logreg_synthetic,mlp_synthetic,conv_synthetic,"
+                 "lstm_synthetic,transformer_synthetic")
   p.add_argument("--data-dir", default=None, help="folder with mnist/ (default: $LOPT_DATA_DIR)")
   p.add_argument("--out", default="benchmarks/out")
   p.add_argument("--mnist-examples", type=int, default=1000)
@@ -257,10 +347,10 @@ def main():
   p.add_argument("--adam-grid", default="3e-4,1e-3,3e-3,1e-2,3e-2")
   args = p.parse_args()
   parts = args.part.split(",")
-  unknown = set(parts) - {"speed", "tightness", "mnist"}
+  unknown = set(parts) - {"speed", "tightness", "mnist", "families"}
   if unknown:
-    raise SystemExit(f"unknown --part {sorted(unknown)}; expected speed, tightness, mnist")
-  for part in ("speed", "tightness", "mnist"):
+    raise SystemExit(f"unknown --part {sorted(unknown)}; expected speed, tightness, mnist, families")
+  for part in ("speed", "tightness", "mnist", "families"):
     if part in parts:
       globals()[part](args)
 

@@ -63,13 +63,19 @@ class SmoothRule:
   domain_min: float | None = None
   remainder_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   increasing: bool = True
+  argmin: float | None = None
 
   def image(self, x: Interval) -> Interval:
-    """{f(x) : x in [lo, hi]} (f is monotone; the domain's edge gives f's limit)."""
+    """{f(x) : x in [lo, hi]}: f is monotone (the domain's edge gives f's limit), or,
+    with `argmin`, decreasing before it and increasing after (gelu, silu)."""
     lo, hi = x.lo, x.hi
     if self.domain_min is not None:
       lo, hi = jnp.maximum(lo, self.domain_min), jnp.maximum(hi, self.domain_min)
     a, b = self.f(lo), self.f(hi)
+    if self.argmin is not None:
+      inside = (lo < self.argmin) & (self.argmin < hi)
+      low = jnp.where(inside, self.f(jnp.full_like(lo, self.argmin)), jnp.minimum(a, b))
+      return Interval(low, jnp.maximum(a, b))
     return Interval(a, b) if self.increasing else Interval(b, a)
 
   def value_and_slope(self, x0: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -260,6 +266,41 @@ ABS = KinkRule("abs", -1.0, 1.0)
 SQUARE = PolyRule("square", 2)
 CUBE = PolyRule("cube", 3)
 RECIPROCAL = ReciprocalRule()
+
+
+def _derivative(fn: Fn) -> Fn:
+  """The elementwise derivative of an elementwise function (forward mode)."""
+  return lambda x: jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
+
+
+def _rule_by_autodiff(name: str, fn: Fn, **kwargs) -> SmoothRule:
+  d1 = _derivative(fn)
+  d2 = _derivative(d1)
+  d3 = _derivative(d2)
+  return SmoothRule(name, fn, d1, d2, d3, _derivative(d3), **kwargs)
+
+
+# jax.nn.gelu(approximate=True) = x/2 (1 + tanh(c (x + a x^3))). Its f'' is even, largest
+# at 0 and smallest at +-GELU_SPLIT (the roots of the third derivative), monotone in
+# between and beyond; f falls to its minimum at GELU_ARGMIN, then rises. Roots by Newton's
+# method in float64 (residuals ~1e-16): an error e in a root moves f'' or f there by
+# O(e^2), far below rounding. silu(x) = x logistic(x) has the same shape.
+GELU_A, GELU_C = 0.044715, math.sqrt(2 / math.pi)
+GELU_SPLIT, GELU_ARGMIN = 2.0134807246242574, -0.7524614220710163
+SILU_SPLIT, SILU_ARGMIN = 3.435840993535111, -1.278464542761074
+
+
+def gelu_tanh(x):
+  return 0.5 * x * (1 + jnp.tanh(GELU_C * (x + GELU_A * x * x * x)))
+
+
+def silu(x):
+  return x * jax.nn.sigmoid(x)
+
+
+GELU = _rule_by_autodiff("gelu", gelu_tanh, splits=(-GELU_SPLIT, 0.0, GELU_SPLIT),
+                         argmin=GELU_ARGMIN)
+SILU = _rule_by_autodiff("silu", silu, splits=(-SILU_SPLIT, 0.0, SILU_SPLIT), argmin=SILU_ARGMIN)
 
 
 def log1p_rule() -> SmoothRule:

@@ -29,7 +29,8 @@ class Enclosure(NamedTuple):
   `rng`, when known, is a second enclosure of the values over the region from plain
   interval arithmetic (e.g. exp(x) > 0); it is intersected with c0 + [0, t] Y, which
   alone can dip below 0 for a positive quantity and send log or rsqrt off their domain.
-  It is carried through cheap operations only (elementwise, structural, sums).
+  It is carried through cheap operations only (elementwise, structural, sums; through
+  matmuls and convolutions only inside recurrences, see `bilinear`).
   """
   c0: jax.Array
   c1: jax.Array
@@ -161,28 +162,33 @@ def mul(a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
   return out._replace(rng=iv.mul(value_range(a, t), value_range(b, t)))
 
 
-def bilinear(op: iv.Bilinear, a: Enclosure, b: Enclosure, t: jax.Array) -> Enclosure:
+def bilinear(op: iv.Bilinear, a: Enclosure, b: Enclosure, t: jax.Array, *,
+             ranges: bool = False) -> Enclosure:
   """op(a, b) for a bilinear op of two enclosures (dot_general, conv), midpoint-radius.
 
-  When an input has a known range (it comes out of a nonlinearity), the output range is
-  carried too (three more calls of op): after a kink or saturation the Taylor form's
-  own range can be far wider than the true one.
+  With `ranges`, an input's known range (it comes out of a nonlinearity) also gives the
+  output's (three more calls of op). The interpreter asks for it inside recurrences
+  (`scan`), where the Taylor form's own range compounds step after step. Elsewhere it
+  costs a third of a dense layer and left the MLP (relu, tanh), logistic regression and
+  transformer bounds unchanged; it did matter for one LSTM config (see
+  benchmarks/README_saferate.md, families).
   """
   out = _product(op, lambda p, i: iv.bilinear_pi(op, p, i), lambda i, p: iv.bilinear_ip(op, i, p),
                  lambda i, j: iv.bilinear_ii(op, i, j), a, b, t)
-  if a.rng is None and b.rng is None:
+  if not ranges or (a.rng is None and b.rng is None):
     return out
   return out._replace(rng=iv.bilinear_ii(op, value_range(a, t), value_range(b, t)))
 
 
-def bilinear_const(op: iv.Bilinear, a, b, t: jax.Array) -> Enclosure:
-  """op(a, b) where exactly one of a, b is a constant array: a linear map of the other."""
+def bilinear_const(op: iv.Bilinear, a, b, t: jax.Array, *, ranges: bool = False) -> Enclosure:
+  """op(a, b) where exactly one of a, b is a constant array: a linear map of the other
+  (`ranges` as in `bilinear`)."""
   if isinstance(a, Enclosure):
     rem = None if a.rem is None else iv.bilinear_ip(op, a.rem, b)
-    rng = None if a.rng is None else iv.bilinear_ip(op, value_range(a, t), b)
+    rng = None if a.rng is None or not ranges else iv.bilinear_ip(op, value_range(a, t), b)
     return Enclosure(op(a.c0, b), op(a.c1, b), rem, rng)
   rem = None if b.rem is None else iv.bilinear_pi(op, a, b.rem)
-  rng = None if b.rng is None else iv.bilinear_pi(op, a, value_range(b, t))
+  rng = None if b.rng is None or not ranges else iv.bilinear_pi(op, a, value_range(b, t))
   return Enclosure(op(a, b.c0), op(a, b.c1), rem, rng)
 
 

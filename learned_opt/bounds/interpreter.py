@@ -9,6 +9,7 @@ so under `jax.jit` it costs nothing at run time beyond the enclosure arithmetic 
 Why by hand: no maintained library does this (autobound 0.1.4 does not import with
 current JAX, `jax.experimental.jet` gives Taylor coefficients without remainder bounds).
 
+Activations spelled out in several primitives (gelu, silu) get one sharp rule (`fusion`).
 Nested calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `checkpoint`) are inlined;
 `cond`/`switch` on an index that does not depend on eta runs the selected branch (or a
 `lax.switch` of interpreted branches when the index is only known at run time); `scan`
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from learned_opt.bounds import enclosure as enc
+from learned_opt.bounds import fusion
 from learned_opt.bounds import rules
 from learned_opt.bounds.enclosure import Enclosure
 from learned_opt.bounds.interval import Interval
@@ -60,10 +62,12 @@ class TaylorBounds(NamedTuple):
 
 
 class Context(NamedTuple):
-  """What rules need besides their inputs: the trust region and a way to recurse."""
+  """What rules need besides their inputs: the trust region, a way to recurse, and
+  whether matmuls carry value ranges (inside recurrences; `enclosure.bilinear`)."""
   t: jax.Array
   where: str
   eval_jaxpr: Callable[..., list]
+  ranges: bool = False
 
 
 def _read(env, v):
@@ -110,7 +114,7 @@ def _where(eqn, stack: str) -> str:
   return f"{stack} at {src}"
 
 
-def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn") -> list:
+def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn", ranges=False) -> list:
   """Interprets `jaxpr` on a mix of plain arrays and `Enclosure`s.
 
   Args:
@@ -121,6 +125,7 @@ def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn") -> list:
     out_needed: which outputs must be enclosures (default: all); values that feed only
       unneeded outputs or `stop_gradient` are evaluated at eta = 0 instead.
     stack: the names of the enclosing functions, for error messages.
+    ranges: whether matmuls and convolutions carry value ranges (set inside `scan`).
   Returns:
     The outputs, each an array or an `Enclosure`.
   """
@@ -131,7 +136,15 @@ def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn") -> list:
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  fusions, skip = fusion.find_fusions(jaxpr), set()
+  for i, eqn in enumerate(jaxpr.eqns):
+    if i in skip:
+      continue
+    fused = fusions.get(i)
+    if fused is not None and fused.outvar in need and isinstance(env[fused.invar], Enclosure):
+      env[fused.outvar] = enc.compose(fused.rule, env[fused.invar], t)
+      skip.update(fused.covered)
+      continue
     invals = [_read(env, v) for v in eqn.invars]
     name = eqn.primitive.name
     live = [isinstance(o, jcore.Var) and not isinstance(o, jcore.DropVar) and o in need
@@ -148,9 +161,9 @@ def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn") -> list:
             f"taylor_bounds: primitive '{name}' in {where} is applied to a value that "
             f"depends on the step size, and it has no enclosure rule. Supported: "
             f"{', '.join(sorted(rules.RULES))}.")
-      sub = lambda j, c, a, n=None, s=None: eval_jaxpr(j, c, a, t, out_needed=n,
-                                                      stack=f"{stack} > {s or 'call'}")
-      ctx = Context(t=t, where=where, eval_jaxpr=sub)
+      sub = lambda j, c, a, n=None, s=None, ranges=ranges: eval_jaxpr(
+          j, c, a, t, out_needed=n, stack=f"{stack} > {s or 'call'}", ranges=ranges)
+      ctx = Context(t=t, where=where, eval_jaxpr=sub, ranges=ranges)
       outs = rule(invals, dict(eqn.params), ctx, live=live, eqn=eqn)
     for o, x in zip(eqn.outvars, outs):
       if isinstance(o, jcore.DropVar):

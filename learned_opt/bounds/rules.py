@@ -173,8 +173,8 @@ def _bilinear(vals, params, ctx, *, live, eqn):
   a, b = vals
   op = _prim_fn(eqn, params)
   if _is_enc(a) and _is_enc(b):
-    return [enc.bilinear(op, a, b, ctx.t)]
-  return [enc.bilinear_const(op, a, b, ctx.t)]
+    return [enc.bilinear(op, a, b, ctx.t, ranges=ctx.ranges)]
+  return [enc.bilinear_const(op, a, b, ctx.t, ranges=ctx.ranges)]
 
 
 # ------------------------------------------------------------------ elementwise
@@ -310,7 +310,7 @@ def _scan(vals, params, ctx, *, live, eqn):
 
   def step(carry, x):
     outs = ctx.eval_jaxpr(body.jaxpr, body.consts, list(consts) + list(carry) + list(x),
-                          None, "scan body")
+                          None, "scan body", ranges=True)
     new_carry = [enc.full(_as_enc(o)) if d else o for o, d in zip(outs[:nk], carry_dep)]
     return new_carry, outs[nk:]
 
