@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--pretrained", action="store_true",
                  help="also evaluate every shipped learned optimizer (with --optimizer)")
   p.add_argument("--suite", default="heldout",
-                 help="heldout, heldout_short, safeguard, or several joined with '+'")
+                 help="heldout, heldout_short, heldout_offline, safeguard, or several joined with '+'")
   p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--baselines", default="adam,muon,saferate",
