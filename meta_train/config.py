@@ -59,8 +59,8 @@ class EstimatorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OuterConfig:
-  """optimizer: an optax alias name (adam, adamw, sgd, lion, ...) called as
-  optax.<optimizer>(learning_rate, **options); grad_clip: global-norm clip before it
+  """optimizer: a key of `outer.OUTER_OPTIMIZERS` (adam, adamw, sgd, lion, ...), called
+  as the optax optimizer(learning_rate, **options); grad_clip: global-norm clip before it
   (None: off); num_steps: outer steps; accumulate: estimates averaged per step."""
   optimizer: str = "adam"
   learning_rate: float = 1e-3

@@ -26,25 +26,36 @@ class LearnerState:
   step: jax.Array
 
 
-def make_outer_optimizer(name: str = "adam", learning_rate: float = 1e-3, *,
+# The outer optimizers a config may name: an explicit table, not a look-up of any
+# attribute of optax by string. Python callers can pass the optax factory itself.
+OUTER_OPTIMIZERS = {
+    "adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "lion": optax.lion,
+    "rmsprop": optax.rmsprop, "lamb": optax.lamb, "nadam": optax.nadam,
+    "adabelief": optax.adabelief, "adagrad": optax.adagrad,
+}
+
+
+def make_outer_optimizer(name="adam", learning_rate: float = 1e-3, *,
                          grad_clip: float | None = 1.0, **options) -> optax.GradientTransformation:
-  """Any optax alias after global-norm clipping (non-finite estimates are skipped by
+  """An optax optimizer after global-norm clipping (non-finite estimates are skipped by
   `apply_estimate`, whatever the transform).
 
   Args:
-    name: an optax alias (`optax.<name>(learning_rate, **options)`), e.g. "adam".
+    name: a key of `OUTER_OPTIMIZERS` (e.g. "adam"), or an optax factory called as
+      `name(learning_rate, **options)` (e.g. `optax.adamw`).
     learning_rate: outer learning rate.
     grad_clip: clip the estimate's global norm to this before the update; None: off.
-    **options: further keyword arguments of the alias (b1, weight_decay, ...).
+    **options: further keyword arguments of the optimizer (b1, weight_decay, ...).
   """
-  alias = getattr(optax, name, None)
-  if not callable(alias) or name.startswith("_"):
-    raise ValueError(f"unknown outer optimizer {name!r}; expected an optax alias such as "
-                     "adam, adamw, sgd, lion, rmsprop")
+  alias = name if callable(name) else OUTER_OPTIMIZERS.get(name)
+  if alias is None:
+    raise ValueError(f"unknown outer optimizer {name!r}; expected one of "
+                     f"{', '.join(OUTER_OPTIMIZERS)} or an optax factory")
   try:
     inner = alias(learning_rate, **options)
   except TypeError as e:
-    raise ValueError(f"optax.{name} rejected options {options!r}: {e}") from e
+    raise ValueError(f"outer optimizer {getattr(alias, '__name__', name)!r} rejected options "
+                     f"{options!r}: {e}") from e
   if grad_clip is not None:
     inner = optax.chain(optax.clip_by_global_norm(grad_clip), inner)
   return inner

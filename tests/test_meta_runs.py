@@ -49,6 +49,9 @@ def test_unknown_keys_and_bad_types_are_named(tmp_path):
     config_lib.build_lopt(config_lib.LOptConfig("mlp"))
   with pytest.raises(ValueError, match="unknown outer optimizer 'adamm'"):
     make_outer_optimizer("adamm")
+  with pytest.raises(ValueError, match="unknown outer optimizer 'apply_updates'"):
+    make_outer_optimizer("apply_updates")  # a function of optax, not an optimizer
+  assert make_outer_optimizer(optax.adamw, 0.1, weight_decay=0.5) is not None
 
 
 def test_overrides_types_and_round_trip():
