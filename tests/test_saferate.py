@@ -199,7 +199,9 @@ def test_saferate_adam_500_full_batch_steps_never_increase_where_adam_diverges(n
   safe = _scan_train(saferate_adam(), loss, params, 500)
   assert np.all(np.diff(safe) <= 0), f"loss increased by {np.max(np.diff(safe)):.3g}"
   assert safe[-1] < safe[0]
-  # Adam at a too-large learning rate on the same task does not descend: it ends above
-  # where it started (or non-finite).
-  adam = _scan_train(optax.adam(3.0), loss, params, 500)
+  # Adam at a too-large learning rate on the same task diverges (the evaluation's
+  # definition: non-finite, or ending above where it started). At lr 3 it only spikes
+  # (to 17x the initial loss on logreg, 5e5x on the MLP) and ends lower; at 30 it ends
+  # 5-12x above the start.
+  adam = _scan_train(optax.adam(30.0), loss, params, 500)
   assert not np.isfinite(adam[-1]) or adam[-1] > safe[0]
