@@ -119,7 +119,9 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
       if name in overhead:
         compute = sum(m["worker_compute_s"] for m in ms)
         overhead[name].append(((sum(walls) - compute) / steps, 1 - compute / sum(walls),
-                               statistics.median(m["learner_s"] for m in ms)))
+                               statistics.median(m["learner_s"] for m in ms),
+                               statistics.median(m["transit_to_s"] for m in ms),
+                               statistics.median(m["transit_back_s"] for m in ms)))
     rates["in-process, in an actor"].append(steps * per_step / sum(ray.get(in_actor.run.remote(steps))))
   ray.kill(in_actor)
   for tr in trainers.values():
@@ -137,7 +139,9 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
                      overhead_ms_min=1e3 * min(x[0] for x in o),
                      overhead_share_median=statistics.median(x[1] for x in o),
                      overhead_share_min=min(x[1] for x in o),
-                     learner_ms_median=1e3 * statistics.median(x[2] for x in o))
+                     learner_ms_median=1e3 * statistics.median(x[2] for x in o),
+                     transit_to_ms_median=1e3 * statistics.median(x[3] for x in o),
+                     transit_back_ms_median=1e3 * statistics.median(x[4] for x in o))
   out["step_s"] = trainers["in-process"].inner_steps_per_outer_step / statistics.median(rates["in-process"])
   return out
 
@@ -271,7 +275,8 @@ def main():
         r = tp[name]
         print(f"  {name:<27} median {r['overhead_ms_median']:.1f} ms = {r['overhead_share_median']:.1%} "
               f"of the step, best {r['overhead_ms_min']:.1f} ms = {r['overhead_share_min']:.1%}; "
-              f"of which learner update {r['learner_ms_median']:.2f} ms")
+              f"of which learner update {r['learner_ms_median']:.2f} ms, call transit to the "
+              f"worker {r['transit_to_ms_median']:.2f} ms and back {r['transit_back_ms_median']:.2f} ms")
 
     rows = transfer_overhead(args.sizes_kb, steps=args.steps, num_tasks=args.echo_tasks, workers=2,
                              opt=config_lib.build_outer_optimizer(cfg.outer))

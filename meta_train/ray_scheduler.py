@@ -104,6 +104,7 @@ class _Slot:
   ref: Any = None           # the call in flight (at most one)
   ref_version: int = -1
   ref_init: bool = False    # the call in flight initializes the pools first
+  sent_at: float = 0.0      # wall-clock time the call in flight was sent
   done_version: int = -1    # newest version whose result came back in this epoch
   undo: int | None = None   # version of a discarded prefetched call the next call rewinds
   recovering: bool = False  # lost, and no call has succeeded since
@@ -169,7 +170,8 @@ class Scheduler:
       ({(version, j, family, shard): (float32 rows [n, width], row)}, scalar stats).
     """
     stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
-             "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0}
+             "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0,
+             "transit_to_s": 0.0, "transit_back_s": 0.0}
     accepted: dict = {}
     start = time.monotonic()
     last_report = start
@@ -242,6 +244,7 @@ class Scheduler:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         init = not slot.initialized
         slot.ref_init = init
+        slot.sent_at = time.time()
         slot.ref = slot.actor.run.remote(theta, RunCall(slot.epoch, seed, version, self.accumulate,
                                                         init, self.combine_on_worker, slot.undo))
         slot.undo = None
@@ -253,6 +256,7 @@ class Scheduler:
     ref, slot.ref = slot.ref, None
     try:
       result = ray.get(ref)
+      received = time.time()
     except _ACTOR_LOST as e:
       stats["worker_failures"] += self._lost(slot, e)
       return
@@ -275,6 +279,9 @@ class Scheduler:
       accepted[key] = ((result["rows"], row), covers)
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
+      # Wall-clock stamps of two processes: exact on one machine, clock skew across nodes.
+      stats["transit_to_s"] = max(stats["transit_to_s"], result["entered"] - slot.sent_at)
+      stats["transit_back_s"] = max(stats["transit_back_s"], received - result["left"])
 
   def _lost(self, slot: _Slot, error: Exception) -> int:
     """Marks the worker's pools lost and backs off its next call; returns 1 for a new

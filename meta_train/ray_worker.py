@@ -197,6 +197,7 @@ class PoolWorker:
     "compute_s"} or {"status": "uninitialized", "epoch"}. With `combine`, one row per
     (j, f), the pair-weighted mean of its shards, keyed by its first shard.
     """
+    entered = time.time()   # wall clock: the learner compares it with its own stamps
     epoch, seed, version, accumulate, init, combine, undo = call
     if self._delay_s:
       time.sleep(self._delay_s)
@@ -234,7 +235,7 @@ class PoolWorker:
     self._before, self._pools = (epoch, version, self._pools), pools
     return {"status": "ok", "epoch": epoch, "version": version, "rows": rows,
             "units": [(k, row, n) for row, (k, n) in enumerate(units)],
-            "compute_s": time.perf_counter() - t0}
+            "compute_s": time.perf_counter() - t0, "entered": entered, "left": time.time()}
 
   def get_states(self, theta: np.ndarray, *, epoch: int, seed: int, init: bool,
                  before: int | None = None) -> dict:
