@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.resources
+import os
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -19,17 +21,25 @@ import yaml
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
   """families: registered meta-training family names (one sub-pool each);
-  data_dir: local dataset root for families on named datasets."""
+  data_dir: local dataset root for families on named datasets;
+  param_scale_range: [low, high] to reparameterize every tensor of every task as
+  theta = s * phi with s log-uniform in that range (`tasks.augment.ParamScaleFamily`;
+  teaches step-size adaptation), or null for the families as they are."""
   families: tuple[str, ...] = ("mlp_synthetic",)
   data_dir: str | None = None
+  param_scale_range: tuple[float, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class LOptConfig:
   """name: a registered learned optimizer (see `LOPTS`) or "package.module:Class";
-  options: keyword arguments of its constructor (checked against its fields)."""
+  options: keyword arguments of its constructor (checked against its fields);
+  init_from: start meta-training from these meta-parameters instead of a fresh init: a
+  learned_opt checkpoint path or a shipped name (`learned_opt.list_pretrained()`) whose
+  optimizer is the one `name` and `options` build (fine-tuning)."""
   name: str = "per_param_mlp"
   options: dict = dataclasses.field(default_factory=dict)
+  init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +284,43 @@ def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
     raise ValueError("task.families is empty; expected at least one family name")
   schedule = build_schedule(cfg.truncation)
   settings = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "kind"}
-  return [kinds[e.kind](family=get_family(name, cfg.task.data_dir), lopt=lopt, schedule=schedule,
+  return [kinds[e.kind](family=build_family(name, cfg.task), lopt=lopt, schedule=schedule,
                         **settings) for name in cfg.task.families]
+
+
+def build_family(name: str, cfg: TaskConfig):
+  """The named meta-training family, augmented as `cfg` says."""
+  from learned_opt.tasks import get_family
+  from learned_opt.tasks.augment import ParamScaleFamily
+  family = get_family(name, cfg.data_dir)
+  if cfg.param_scale_range is None:
+    return family
+  if len(cfg.param_scale_range) != 2:
+    raise ValueError(f"task.param_scale_range must be [low, high], got {list(cfg.param_scale_range)}")
+  return ParamScaleFamily(family, tuple(cfg.param_scale_range))
+
+
+def initial_meta_params(cfg: LOptConfig, lopt):
+  """The meta-parameters `lopt.init_from` names (None without it), checked against `lopt`."""
+  if cfg.init_from is None:
+    return None
+  import learned_opt
+  source = cfg.init_from
+  if os.path.exists(source):
+    loaded, meta_params, _ = learned_opt.load(source)
+  elif source in learned_opt.list_pretrained():
+    with importlib.resources.as_file(learned_opt.pretrained_path(source)) as path:
+      loaded, meta_params, _ = learned_opt.load(path)
+  else:
+    raise ValueError(f"lopt.init_from={source!r} is neither a file nor a shipped optimizer; "
+                     f"shipped: {', '.join(learned_opt.list_pretrained())}")
+  if loaded != lopt:
+    diff = [f.name for f in dataclasses.fields(lopt)
+            if getattr(loaded, f.name, None) != getattr(lopt, f.name)]
+    raise ValueError(f"lopt.init_from={source!r} holds a {type(loaded).__name__} that differs from "
+                     f"the configured {type(lopt).__name__} in {diff or 'its type'}; set lopt.name "
+                     "and lopt.options to that checkpoint's architecture")
+  return meta_params
 
 
 def build_outer_optimizer(cfg: OuterConfig):

@@ -115,7 +115,7 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
 
 
 def _run(trainer, cfg, run_dir, resume, progress, stop_after) -> RunResult:
-  learner, states = trainer.init(cfg.seed)
+  learner, states = trainer.init(cfg.seed, config_lib.initial_meta_params(cfg.lopt, trainer.lopt))
   ckpt_dir = os.path.join(run_dir, CHECKPOINT_DIR)
   resume_step = None
   if resume:

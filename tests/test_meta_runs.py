@@ -64,7 +64,7 @@ def test_overrides_types_and_round_trip():
 
 
 @pytest.mark.parametrize("name", ["tiny", "pretrain_mlp", "pretrain_hierarchical", "mlp", "lstm",
-                                  "hierarchical"])
+                                  "hierarchical", "finetune_hierarchical_adam_pscale"])
 def test_shipped_configs_validate(name):
   path = f"configs/{name}.yaml"
   if not os.path.exists(path):
