@@ -226,23 +226,24 @@ def magnitude_update(direction: jax.Array, magnitude: jax.Array, *, exp_mult: fl
   return direction * jnp.exp(log_scale) * step_mult
 
 
-# nominal="adam" (PerParamMLP, HierarchicalLOpt): a learned optimizer that corrects Adam.
-NOMINALS = ("none", "adam")
+# nominal="adam" (PerParamMLP, HierarchicalLOpt): a learned optimizer that corrects Adam;
+# nominal="prodigy" (HierarchicalLOpt): one that corrects Prodigy (see `prodigy_nominal`).
+NOMINALS = ("none", "adam", "prodigy")
 NOMINAL_RESIDUAL_CLIP = 3.0     # |learned correction| <= this, in units of Adam's direction
 NOMINAL_MAX_LOG_SCALE = 4.0     # learned step-size factor within [e^-4, e^4]
 NOMINAL_OUT_INIT = 0.01         # output weights start this small: untrained == Adam
 _ADAM_EPS = 1e-8
 
 
-def check_nominal(nominal: str, features, fused: str) -> None:
+def check_nominal(nominal: str, features, fused: str, *, allowed=NOMINALS) -> None:
   """Validates a `nominal` setting against the feature selection and the fused mode."""
-  if nominal not in NOMINALS:
-    raise ValueError(f"nominal must be one of {NOMINALS}, got {nominal!r}")
+  if nominal not in allowed:
+    raise ValueError(f"nominal must be one of {allowed}, got {nominal!r}")
   if nominal == "adam" and "adam" not in features:
     raise ValueError(f"nominal='adam' needs the 'adam' feature group; features are "
                      f"{tuple(features)}")
-  if nominal == "adam" and fused in ("pallas", "interpret"):
-    raise ValueError(f"nominal='adam' runs on the XLA path; got fused={fused!r} "
+  if nominal != "none" and fused in ("pallas", "interpret"):
+    raise ValueError(f"nominal={nominal!r} runs on the XLA path; got fused={fused!r} "
                      f"(use 'auto' or 'xla')")
 
 
@@ -270,3 +271,34 @@ def nominal_adam_update(adam: jax.Array, correction: jax.Array, log_scale: jax.A
   d = jnp.clip(correction, -NOMINAL_RESIDUAL_CLIP, NOMINAL_RESIDUAL_CLIP)
   scale = jnp.exp(jnp.clip(log_scale, -NOMINAL_MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE))
   return -(adam + d) * scale * step_mult
+
+
+# Prodigy (Mishchenko & Defazio 2024) estimates its own step size from the distance
+# travelled from the initial point, so it needs no learning rate; as a nominal it gives a
+# learned optimizer a step size that is right to a small factor on tasks whose best Adam
+# learning rate is far from the meta-training tasks'. The betas are explicit because
+# `prodigy_step_size` reproduces optax's step size from its state.
+PRODIGY_BETAS = (0.9, 0.999)
+
+
+def prodigy_nominal():
+  """optax's Prodigy at learning rate 1 (its own default): the transform a
+  nominal="prodigy" optimizer runs and corrects."""
+  return optax.contrib.prodigy(1.0, betas=PRODIGY_BETAS)
+
+
+def prodigy_step_size(state) -> jax.Array:
+  """The scalar step size d * bias correction that optax's Prodigy applies in the update
+  that follows `state` (`update = -step * m / (sqrt(v) + d * eps)`)."""
+  b1, b2 = PRODIGY_BETAS
+  t = state.count.astype(jnp.float32) + 1.0
+  return state.estim_lr * jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+
+
+def nominal_prodigy_update(prodigy_update: jax.Array, correction: jax.Array,
+                           log_scale: jax.Array, *, step: jax.Array) -> jax.Array:
+  """`(prodigy_update - clip(correction) * step) * exp(clip(log_scale))`: Prodigy's update
+  plus a bounded correction in units of its step size, scaled by a bounded factor."""
+  d = jnp.clip(correction, -NOMINAL_RESIDUAL_CLIP, NOMINAL_RESIDUAL_CLIP)
+  scale = jnp.exp(jnp.clip(log_scale, -NOMINAL_MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE))
+  return (prodigy_update - d * step) * scale

@@ -20,6 +20,10 @@ With `nominal="adam"` the network corrects Adam instead (see `base.nominal_adam_
 the update is `-(adam + d) * exp(log_scale + exp_mult * s) * step_mult`, an absolute
 step like Adam's, so the per-tensor LSTM acts as a learned step-size controller and the
 tiny MLPs as bounded per-coordinate corrections; untrained, it is Adam at `step_mult`.
+With `nominal="prodigy"` it corrects optax's Prodigy the same way (`base.
+nominal_prodigy_update`): `(prodigy - d * step) * exp(log_scale + exp_mult * s)` with
+`step` Prodigy's own step size, so untrained it is Prodigy (no learning rate at all,
+`step_mult` unused) and the learned factor is relative to Prodigy's estimate.
 
 The head also reads its input linearly (a skip connection), so per-tensor step scales
 that are linear in the statistics (e.g. plain SGD) are exactly representable.
@@ -38,7 +42,8 @@ from learned_opt import features as feats
 from learned_opt import fused as fused_lib
 from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_OUT_INIT, LearnedOptimizer,
                               adam_direction, cast_like, check_nominal, check_positive,
-                              magnitude_update, nominal_adam_update)
+                              magnitude_update, nominal_adam_update, nominal_prodigy_update,
+                              prodigy_nominal, prodigy_step_size)
 
 _init = jax.nn.initializers.lecun_normal()
 _TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
@@ -73,6 +78,7 @@ class HierarchicalState(NamedTuple):
   lstm_c: jax.Array   # [n_tensors, tensor_hidden]
   lstm_h: jax.Array   # [n_tensors, tensor_hidden]
   summary: jax.Array  # [tensor_hidden]: mean of lstm_h over tensors, previous step
+  nominal: tuple = ()  # nominal="prodigy": (optax's ProdigyState,), else ()
 
   @property
   def step(self):
@@ -98,8 +104,9 @@ class HierarchicalLOpt(LearnedOptimizer):
     mup_base_fan_in: the fan-in at which the muP multiplier is 1.
     fused: per-parameter MLP path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (tests); see `learned_opt.fused`.
-    nominal: "none" (steps relative to the tensor RMS, above) or "adam" (corrections
-      of Adam at `step_mult`; needs the "adam" feature group; XLA path).
+    nominal: "none" (steps relative to the tensor RMS, above), "adam" (corrections
+      of Adam at `step_mult`; needs the "adam" feature group; XLA path) or "prodigy"
+      (corrections of optax's Prodigy, learning-rate free; XLA path).
   """
 
   name: ClassVar[str] = "hierarchical"
@@ -170,7 +177,7 @@ class HierarchicalLOpt(LearnedOptimizer):
                  "w2": jax.vmap(lambda kk: _init(kk, (hid, 2)))(jax.random.split(k[4], k_mlps)),
                  "b2": jnp.zeros((k_mlps, 2))},
     }
-    if self.nominal == "adam":  # untrained == Adam: per-coordinate corrections start tiny
+    if self.nominal != "none":  # untrained == the nominal: corrections start tiny
       theta["bank"]["w2"] = theta["bank"]["w2"] * NOMINAL_OUT_INIT
     return jax.tree.map(lambda a: a.astype(jnp.float32), theta)
 
@@ -178,8 +185,11 @@ class HierarchicalLOpt(LearnedOptimizer):
     del meta_params
     n = len(jax.tree.leaves(params))
     zeros = jnp.zeros((n, self.tensor_hidden), jnp.float32)
+    nominal = ()
+    if self.nominal == "prodigy":
+      nominal = (prodigy_nominal().init(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)),)
     return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros, zeros,
-                             jnp.zeros((self.tensor_hidden,), jnp.float32))
+                             jnp.zeros((self.tensor_hidden,), jnp.float32), nominal)
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
     del key
@@ -213,8 +223,15 @@ class HierarchicalLOpt(LearnedOptimizer):
     w2 = jnp.einsum("nk,khd->nhd", mix, bank["w2"])
     b2 = mix @ bank["b2"]
     step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
-    new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
-    interpret = None if self.nominal == "adam" else fused_lib.select(self.fused)
+    nominal_state, prodigy_updates = state.nominal, None
+    if self.nominal == "prodigy":
+      (pstate,) = state.nominal
+      prodigy_step = prodigy_step_size(pstate)
+      g32 = jax.tree.unflatten(treedef, [feats.sanitize(g) for g in jax.tree.leaves(grads)])
+      prodigy_updates, pstate = prodigy_nominal().update(g32, pstate, jax.tree.unflatten(treedef, p32))
+      prodigy_updates, nominal_state = jax.tree.leaves(prodigy_updates), (pstate,)
+    new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0), nominal_state)
+    interpret = None if self.nominal != "none" else fused_lib.select(self.fused)
     if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
       updates = fused_lib.per_param_updates(
           self.spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2, b_out=b2,
@@ -229,13 +246,15 @@ class HierarchicalLOpt(LearnedOptimizer):
       if self.nominal == "adam":
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
                                 log_scale[i] + self.exp_mult * s, step_mult=self.step_mult)
+      elif self.nominal == "prodigy":
+        u = nominal_prodigy_update(prodigy_updates[i], d, log_scale[i] + self.exp_mult * s,
+                                   step=prodigy_step)
       else:
         u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * p
       if self.mup:  # absolute (Adam-like) steps need muP's full 1/fan_in
         u = u * feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in,
-                                power=1.0 if self.nominal == "adam" else 0.5)
+                                power=1.0 if self.nominal != "none" else 0.5)
       updates.append(u)
-    new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0))
     return cast_like(jax.tree.unflatten(treedef, updates), params), new_state

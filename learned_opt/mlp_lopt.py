@@ -83,7 +83,7 @@ class PerParamMLP(LearnedOptimizer):
   nominal: str = struct.field(pytree_node=False, default="none")
 
   def __post_init__(self):
-    check_nominal(self.nominal, self.features, self.fused)
+    check_nominal(self.nominal, self.features, self.fused, allowed=("none", "adam"))
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):

@@ -95,3 +95,65 @@ def test_checkpoint_round_trip_keeps_the_nominal(tmp_path):
   assert lopt2 == lopt
   for x, y in zip(jax.tree.leaves(theta), jax.tree.leaves(theta2)):
     np.testing.assert_array_equal(x, y)
+
+
+# ---- nominal="prodigy" (HierarchicalLOpt) -------------------------------------------------
+def _prodigy_lopt(**kw):
+  return HierarchicalLOpt(tensor_hidden=8, nominal="prodigy", exp_mult=1.0,
+                          features=("grad", "momentum", "adam", "loss"), **kw)
+
+
+def test_zero_output_layer_is_exactly_prodigy():
+  lopt = _prodigy_lopt()
+  theta = _zero_outputs(lopt, lopt.init_meta_params(jax.random.key(0)))
+  params = _params(jax.random.key(1))
+  ours = _run(learned_opt.to_optax(lopt, theta, num_steps=10), params, steps=30)
+  ref = _run(optax.contrib.prodigy(1.0, betas=(0.9, 0.999)), params, steps=30)
+  for a, b in zip(ours, ref):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  # Prodigy moved: its step-size estimate grew far past its 1e-6 start (30 steps at
+  # 1e-6 would move a coordinate by at most 3e-5).
+  assert float(jnp.max(jnp.abs(ref[-1]["b"] - params["b"]))) > 3e-4
+
+
+def test_prodigy_nominal_scale_correction_bounds_and_jit():
+  lopt = _prodigy_lopt()
+  theta = _zero_outputs(lopt, lopt.init_meta_params(jax.random.key(0)))
+  params = _params(jax.random.key(1))
+  state = lopt.init(theta, params, num_steps=10)
+  update = jax.jit(lopt.update)
+  for _ in range(3):  # a few steps so Prodigy's step size is not at its floor
+    loss, g = jax.value_and_grad(_loss)(params)
+    u0, state = update(theta, g, state, params, loss=loss)
+    params = optax.apply_updates(params, u0)
+  assert update._cache_size() == 1   # no recompile after the first call
+  loss, g = jax.value_and_grad(_loss)(params)
+  u0, _ = update(theta, g, state, params, loss=loss)
+  (pstate,) = state.nominal
+  step = float(learned_opt.base.prodigy_step_size(pstate))
+  # A head bias of log 2 on the step-scale output doubles every update.
+  head = dict(theta["head"], b=theta["head"]["b"].at[lopt.num_mlps].set(np.log(2.0)))
+  u2, _ = update(dict(theta, head=head), g, state, params, loss=loss)
+  for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u0)):
+    np.testing.assert_allclose(a, 2.0 * b, rtol=1e-5)
+  # Whatever the meta-parameters: |update| <= (|prodigy| + 3 step) * e^4.
+  wild = jax.tree.map(lambda x: x + 1e3, theta)
+  u3, _ = update(wild, g, state, params, loss=loss)
+  for a, b in zip(jax.tree.leaves(u3), jax.tree.leaves(u0)):
+    assert bool(jnp.all(jnp.abs(a) <= (jnp.abs(b) + 3.0 * step) * np.exp(4.0) * 1.001))
+  with pytest.raises(ValueError, match=r"nominal must be one of \('none', 'adam'\), got 'prodigy'"):
+    PerParamMLP(nominal="prodigy")
+
+
+def test_prodigy_nominal_checkpoint_round_trip(tmp_path):
+  lopt = _prodigy_lopt()
+  theta = lopt.init_meta_params(jax.random.key(0))
+  learned_opt.save(tmp_path / "p.lopt", lopt, theta)
+  lopt2, theta2, _ = learned_opt.load(tmp_path / "p.lopt")
+  assert lopt2 == lopt and lopt2.nominal == "prodigy"
+  params = _params(jax.random.key(1))
+  a = _run(learned_opt.to_optax(lopt, theta, num_steps=10), params, steps=3)
+  b = _run(learned_opt.to_optax(lopt2, theta2, num_steps=10), params, steps=3)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
