@@ -10,6 +10,8 @@ architecture.
 Names `resolve` understands:
   adam, muon          tuned per task over the learning-rate grid
   saferate            SafeRate on the Adam direction (hyperparameter-free)
+  prodigy             optax's Prodigy at its default learning rate 1 (learning-rate free;
+                      the nominal of `HierarchicalLOpt(nominal="prodigy")`)
   NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
   saferate+NAME       SafeRate around that learned optimizer's direction
 """
@@ -25,7 +27,7 @@ from learned_opt.baselines.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
 DEFAULT_LR_GRID: tuple[float, ...] = DEFAULT_GRID
-BASELINES = ("adam", "muon", "saferate")
+BASELINES = ("adam", "muon", "saferate", "prodigy")
 SAFERATE_PREFIX = "saferate+"
 
 
@@ -60,6 +62,12 @@ def _muon(lr, aux, num_steps):
   del aux, num_steps
   from learned_opt.baselines.adam_muon import muon  # hidden weights Muon, the rest Adam
   return muon(lr)
+
+
+def _prodigy(lr, aux, num_steps):
+  del lr, aux, num_steps
+  from learned_opt.base import prodigy_nominal
+  return prodigy_nominal()
 
 
 def _saferate_module():
@@ -137,6 +145,8 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
   if name == "saferate":
     _saferate_module()
     return Candidate("saferate", _saferate_adam, fingerprint="saferate:adam")
+  if name == "prodigy":
+    return Candidate("prodigy", _prodigy, fingerprint="prodigy:lr1")
   if name.startswith(SAFERATE_PREFIX):
     _saferate_module()
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])

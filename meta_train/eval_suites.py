@@ -10,62 +10,23 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
-from flax import struct
-
 from learned_opt.tasks import registry
+from learned_opt.tasks.augment import ParamScaleFamily
 from learned_opt.tasks.base import TaskFamily
 from learned_opt.tasks.image import LogisticRegressionFamily
 from learned_opt.tasks.quadratic import QuadraticFamily
 
 
-class RescaledParamsFamily(TaskFamily):
-  """`base` reparameterized as p' = scale * p: same losses, parameters `scale` x larger.
+def rescaled_params_family(base: TaskFamily, scale: float) -> ParamScaleFamily:
+  """`base` with its parameters stored `scale` x larger (e.g. 1e-3: 1000x smaller), same
+  losses: `ParamScaleFamily` at the one scale 1 / scale for every tensor.
 
   Gradients scale by 1/scale and curvature by 1/scale^2, so an optimizer whose step
   size is not relative to the parameters' scale sees a badly conditioned problem.
-
-  Attributes:
-    base: the wrapped family.
-    scale: the factor (e.g. 1e-3: parameters 1000x smaller).
   """
-  base: TaskFamily
-  scale: float = struct.field(pytree_node=False, default=1e-3)
-
-  def __post_init__(self):
-    if not (isinstance(self.scale, (int, float)) and self.scale > 0):
-      raise ValueError(f"scale must be a positive number, got {self.scale!r}")
-
-  def _unscale(self, params):
-    return jax.tree.map(lambda x: x / self.scale, params)
-
-  def sample(self, key):
-    return self.base.sample(key)
-
-  def default_cfg(self):
-    return self.base.default_cfg()
-
-  def init_params(self, cfg, key):
-    return jax.tree.map(lambda x: x * self.scale, self.base.init_params(cfg, key))
-
-  def loss(self, cfg, params, key, batch):
-    return self.base.loss(cfg, self._unscale(params), key, batch)
-
-  def batch(self, cfg, key, split="train"):
-    return self.base.batch(cfg, key, split)
-
-  def full_batch(self, cfg, split="train"):
-    return self.base.full_batch(cfg, split)
-
-  def reference_loss(self, cfg):
-    return self.base.reference_loss(cfg)
-
-  def metrics(self, cfg, params, batch):
-    return self.base.metrics(cfg, self._unscale(params), batch)
-
-  @property
-  def name(self):
-    return f"{self.base.name}_x{self.scale:g}"
+  if not (isinstance(scale, (int, float)) and scale > 0):
+    raise ValueError(f"scale must be a positive number, got {scale!r}")
+  return ParamScaleFamily(base, (1.0 / scale, 1.0 / scale))
 
 
 def _mnist(data_dir):
@@ -82,12 +43,12 @@ _LONG = 10 * registry.META_TRAIN_HORIZON
 SAFEGUARD_SUITE: dict[str, registry.SuiteTask] = {t.name: t for t in [
     registry.SuiteTask(
         "logreg_mnist_fullbatch_x1e-3",
-        lambda d: RescaledParamsFamily(LogisticRegressionFamily(_mnist(d)), 1e-3), 300, "mnist",
+        lambda d: rescaled_params_family(LogisticRegressionFamily(_mnist(d)), 1e-3), 300, "mnist",
         "logistic regression on 1000 MNIST images, full batch, parameters 1000x smaller",
         full_batch=True),
     registry.SuiteTask(
         "quadratic_illcond_fullbatch_x1e-3",
-        lambda d: RescaledParamsFamily(QuadraticFamily(dim=64, log10_cond_range=(4.0, 4.0)), 1e-3),
+        lambda d: rescaled_params_family(QuadraticFamily(dim=64, log10_cond_range=(4.0, 4.0)), 1e-3),
         _LONG, "offline", "64-d quadratic, condition 1e4, full batch, 10x horizon, "
         "parameters 1000x smaller", full_batch=True),
     registry.SuiteTask(

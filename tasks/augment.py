@@ -23,7 +23,8 @@ class ParamScaleFamily(TaskFamily):
 
   Attributes:
     base: the family to augment.
-    scale_range: (low, high), 0 < low <= high: the log-uniform range of each tensor's s.
+    scale_range: (low, high), 0 < low <= high: the log-uniform range of each tensor's s
+      (low == high: one fixed scale, as the safeguard suite's rescaled tasks use).
   """
 
   base: TaskFamily
@@ -48,8 +49,11 @@ class ParamScaleFamily(TaskFamily):
     return {"base": base_cfg, "scales": jnp.exp(log_s)}
 
   def default_cfg(self):
+    """The base's default config at the range's geometric mean scale (1 for a range
+    symmetric around 1; the scale itself for a one-point range)."""
     base_cfg = self.base.default_cfg()
-    return {"base": base_cfg, "scales": jnp.ones((self._num_tensors(base_cfg),), jnp.float32)}
+    mid = (self.scale_range[0] * self.scale_range[1]) ** 0.5
+    return {"base": base_cfg, "scales": jnp.full((self._num_tensors(base_cfg),), mid, jnp.float32)}
 
   def _theta(self, cfg, phi):
     leaves, treedef = jax.tree.flatten(phi)

@@ -78,6 +78,18 @@ def test_run_grid_matches_tasks_train_and_does_not_recompile():
   assert evaluation.TRACE_COUNT[0] == traces  # new learning rates: no recompilation
 
 
+def test_prodigy_baseline_is_optax_prodigy_without_a_grid():
+  task = tasks.QuadraticFamily(dim=4).task()
+  keys = evaluation.seed_keys(1)
+  cand = eval_optimizers.resolve("prodigy")
+  assert cand.grid == () and cand.kind == "hyperparameter-free" and "prodigy" in eval_optimizers.BASELINES
+  losses, final_train, _ = evaluation.run_grid(task, jnp.zeros((1,)), keys, None, make=cand.make,
+                                               num_steps=40, full_batch=True)
+  ref = tasks.train(task, optax.contrib.prodigy(1.0), num_steps=40, key=keys[0], full_batch=True)
+  np.testing.assert_allclose(losses[0, 0], ref.losses, rtol=1e-5)
+  assert float(final_train[0, 0]) < 0.5 * float(losses[0, 0, 0])  # it trained, with no lr given
+
+
 def test_evaluate_suite_writes_results_and_resumes(tmp_path):
   lopt = lo.PerParamMLP(hidden_sizes=(4,))
   path = str(tmp_path / "rand.lopt")
@@ -114,15 +126,16 @@ def test_evaluate_suite_writes_results_and_resumes(tmp_path):
 # ---- suites and stress tasks -----------------------------------------------------------
 def test_rescaled_family_same_loss_at_rescaled_params():
   base = tasks.QuadraticFamily(dim=4)
-  fam = eval_suites.RescaledParamsFamily(base, 1e-3)
+  fam = eval_suites.rescaled_params_family(base, 1e-3)
   cfg, key = base.default_cfg(), jax.random.key(1)
   p = base.init_params(cfg, key)
-  q = fam.init_params(cfg, key)
+  q = fam.init_params(fam.default_cfg(), key)
   np.testing.assert_allclose(q["x"], 1e-3 * p["x"], rtol=1e-6)
   batch = base.full_batch(cfg)
-  np.testing.assert_allclose(fam.loss(cfg, q, key, batch), base.loss(cfg, p, key, batch), rtol=1e-5)
+  np.testing.assert_allclose(fam.loss(fam.default_cfg(), q, key, batch), base.loss(cfg, p, key, batch),
+                             rtol=1e-5)
   with pytest.raises(ValueError, match="scale must be a positive number, got -1"):
-    eval_suites.RescaledParamsFamily(base, -1.0)
+    eval_suites.rescaled_params_family(base, -1.0)
 
 
 def test_suites_are_disjoint_from_meta_training_and_short_suite_is_short():
@@ -200,7 +213,7 @@ def test_safeguarded_candidates_are_monotone_on_full_batch(tmp_path, monkeypatch
   lopt = lo.PerParamMLP(hidden_sizes=(4,), step_mult=1.0)  # huge steps: the plain one blows up
   path = str(tmp_path / "big.lopt")
   lo.save(path, lopt, lopt.init_meta_params(jax.random.key(0)))
-  suite = {"q": SuiteTask("q", lambda d: eval_suites.RescaledParamsFamily(
+  suite = {"q": SuiteTask("q", lambda d: eval_suites.rescaled_params_family(
       tasks.QuadraticFamily(dim=4), 1e-2), 40, "offline", "rescaled quadratic", full_batch=True)}
   res = evaluation.evaluate_suite(suite, ["adam", path, "saferate+" + path, "saferate"],
                                   out_dir=str(tmp_path / "run"), seeds=2, lr_grid=(1e-3, 1e-2),
