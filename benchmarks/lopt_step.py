@@ -20,7 +20,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 import learned_opt as lo

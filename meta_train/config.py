@@ -275,7 +275,6 @@ def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
   """One estimator per task family, all with the same settings."""
   from learned_opt.meta_train.pes import PES
   from learned_opt.meta_train.truncated_es import TruncatedES
-  from learned_opt.tasks import get_family
   kinds = {"pes": PES, "truncated_es": TruncatedES}
   e = cfg.estimator
   if e.kind not in kinds:

@@ -15,8 +15,6 @@ The pool continues from the + member's state.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import struct

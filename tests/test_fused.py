@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 import learned_opt as lo
-from learned_opt import features as feats
 from learned_opt import fused
 
 # Shapes with a masked tail block (37*21 = 777 is no multiple of the block), a vector, a

@@ -24,7 +24,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
-from jax import lax
 
 from learned_opt.bounds import enclosure as enc
 from learned_opt.bounds import fusion
