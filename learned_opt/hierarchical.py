@@ -40,8 +40,9 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
-from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_OUT_INIT, LearnedOptimizer,
-                              adam_direction, cast_like, check_nominal, check_positive,
+from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
+                              LearnedOptimizer, adam_direction, cast_like, check_nominal,
+                              check_positive,
                               magnitude_update, nominal_adam_update, nominal_prodigy_update,
                               prodigy_nominal, prodigy_step_size)
 
@@ -107,6 +108,8 @@ class HierarchicalLOpt(LearnedOptimizer):
     nominal: "none" (steps relative to the tensor RMS, above), "adam" (corrections
       of Adam at `step_mult`; needs the "adam" feature group; XLA path) or "prodigy"
       (corrections of optax's Prodigy, learning-rate free; XLA path).
+    nominal_max_log_scale: with a nominal, the learned step factor stays within
+      [e^-m, e^m] of the nominal's step (a trust region around a rule known to work).
   """
 
   name: ClassVar[str] = "hierarchical"
@@ -126,9 +129,11 @@ class HierarchicalLOpt(LearnedOptimizer):
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
   fused: str = struct.field(pytree_node=False, default="auto")
   nominal: str = struct.field(pytree_node=False, default="none")
+  nominal_max_log_scale: float = struct.field(pytree_node=False, default=NOMINAL_MAX_LOG_SCALE)
 
   def __post_init__(self):
     check_nominal(self.nominal, self.features, self.fused)
+    check_positive("nominal_max_log_scale", self.nominal_max_log_scale)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
@@ -245,10 +250,11 @@ class HierarchicalLOpt(LearnedOptimizer):
       d, s = _tiny_mlp(chans, w1[i], b1[i], w2[i], b2[i])
       if self.nominal == "adam":
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
-                                log_scale[i] + self.exp_mult * s, step_mult=self.step_mult)
+                                log_scale[i] + self.exp_mult * s, step_mult=self.step_mult,
+                                max_log_scale=self.nominal_max_log_scale)
       elif self.nominal == "prodigy":
         u = nominal_prodigy_update(prodigy_updates[i], d, log_scale[i] + self.exp_mult * s,
-                                   step=prodigy_step)
+                                   step=prodigy_step, max_log_scale=self.nominal_max_log_scale)
       else:
         u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:
