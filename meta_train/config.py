@@ -24,10 +24,13 @@ class TaskConfig:
   data_dir: local dataset root for families on named datasets;
   param_scale_range: [low, high] to reparameterize every tensor of every task as
   theta = s * phi with s log-uniform in that range (`tasks.augment.ParamScaleFamily`;
-  teaches step-size adaptation), or null for the families as they are."""
+  teaches step-size adaptation), or null for the families as they are;
+  full_batch_families: further sub-pools of these registered families trained on their
+  deterministic full batch (`tasks.augment.FullBatchFamily`)."""
   families: tuple[str, ...] = ("mlp_synthetic",)
   data_dir: str | None = None
   param_scale_range: tuple[float, ...] | None = None
+  full_batch_families: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,15 +286,19 @@ def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
     raise ValueError("task.families is empty; expected at least one family name")
   schedule = build_schedule(cfg.truncation)
   settings = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "kind"}
-  return [kinds[e.kind](family=build_family(name, cfg.task), lopt=lopt, schedule=schedule,
-                        **settings) for name in cfg.task.families]
+  pools = [(name, False) for name in cfg.task.families]
+  pools += [(name, True) for name in cfg.task.full_batch_families]
+  return [kinds[e.kind](family=build_family(name, cfg.task, full_batch=fb), lopt=lopt,
+                        schedule=schedule, **settings) for name, fb in pools]
 
 
-def build_family(name: str, cfg: TaskConfig):
-  """The named meta-training family, augmented as `cfg` says."""
+def build_family(name: str, cfg: TaskConfig, *, full_batch: bool = False):
+  """The named meta-training family, augmented as `cfg` says (and on its full batch)."""
   from learned_opt.tasks import get_family
-  from learned_opt.tasks.augment import ParamScaleFamily
+  from learned_opt.tasks.augment import FullBatchFamily, ParamScaleFamily
   family = get_family(name, cfg.data_dir)
+  if full_batch:
+    family = FullBatchFamily(family)
   if cfg.param_scale_range is None:
     return family
   if len(cfg.param_scale_range) != 2:

@@ -280,6 +280,7 @@ class Scheduler:
     if result["version"] == version:
       stats["worker_compute_s"] = max(stats["worker_compute_s"], result["compute_s"])
       # Wall-clock stamps of two processes: exact on one machine, clock skew across nodes.
+      # A prefetched result that is ready before its step waits for it counts that wait.
       stats["transit_to_s"] = max(stats["transit_to_s"], result["entered"] - slot.sent_at)
       stats["transit_back_s"] = max(stats["transit_back_s"], received - result["left"])
 

@@ -85,3 +85,43 @@ class ParamScaleFamily(TaskFamily):
   @property
   def name(self):
     return f"{self.base.name}_pscale"
+
+
+class FullBatchFamily(TaskFamily):
+  """`base` trained on its deterministic full batch at every step (no gradient noise).
+
+  Meta-training on these next to the minibatch originals shows a learned optimizer
+  tasks whose best step size is larger (exact gradients tolerate it), which held-out
+  full-batch tasks need.
+  """
+
+  base: TaskFamily
+
+  def sample(self, key):
+    return self.base.sample(key)
+
+  def default_cfg(self):
+    return self.base.default_cfg()
+
+  def init_params(self, cfg, key):
+    return self.base.init_params(cfg, key)
+
+  def loss(self, cfg, params, key, batch):
+    return self.base.loss(cfg, params, key, batch)
+
+  def batch(self, cfg, key, split="train"):
+    del key
+    return self.base.full_batch(cfg, split)
+
+  def full_batch(self, cfg, split="train"):
+    return self.base.full_batch(cfg, split)
+
+  def reference_loss(self, cfg):
+    return self.base.reference_loss(cfg)
+
+  def metrics(self, cfg, params, batch):
+    return self.base.metrics(cfg, params, batch)
+
+  @property
+  def name(self):
+    return f"{self.base.name}_fullbatch"

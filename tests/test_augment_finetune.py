@@ -90,3 +90,19 @@ def test_init_from_starts_meta_training_from_a_checkpoint(tmp_path):
     config_lib.initial_meta_params(other.lopt, config_lib.build_lopt(other.lopt))
   with pytest.raises(ValueError, match="lopt.init_from='nope' is neither a file nor a shipped optimizer"):
     config_lib.initial_meta_params(config_lib.load_config(None, ["lopt.init_from=nope"]).lopt, lopt)
+
+
+def test_full_batch_families_add_noise_free_sub_pools():
+  from learned_opt.tasks.augment import FullBatchFamily
+  cfg = config_lib.load_config(None, QUICK + ["task.full_batch_families=[quadratic]"])
+  lopt = config_lib.build_lopt(cfg.lopt)
+  ests = config_lib.build_estimators(cfg, lopt)
+  assert [type(e.family).__name__ for e in ests] == ["QuadraticFamily", "FullBatchFamily"]
+  fam = ests[1].family
+  assert fam.name == "quadratic_32d_fullbatch"
+  qcfg = fam.sample(jax.random.key(0))
+  assert float(qcfg.noise_scale) > 0  # the base task is noisy ...
+  b1, b2 = fam.batch(qcfg, jax.random.key(1)), fam.batch(qcfg, jax.random.key(2))
+  np.testing.assert_array_equal(b1["noise"], b2["noise"])  # ... its full-batch twin is not
+  np.testing.assert_array_equal(b1["noise"], 0.0)
+  assert isinstance(FullBatchFamily(fam.base).task(), learned_opt.tasks.Task)
