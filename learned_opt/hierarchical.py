@@ -42,9 +42,9 @@ from learned_opt import features as feats
 from learned_opt import fused as fused_lib
 from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
                               LearnedOptimizer, adam_direction, cast_like, check_nominal,
-                              check_positive,
-                              magnitude_update, nominal_adam_update, nominal_prodigy_update,
-                              prodigy_nominal, prodigy_step_size)
+                              check_positive, magnitude_update, nominal_adam_update,
+                              nominal_prodigy_update, prodigy_nominal, prodigy_step_size,
+                              sanitize)
 
 _init = jax.nn.initializers.lecun_normal()
 _TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
@@ -232,7 +232,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     if self.nominal == "prodigy":
       (pstate,) = state.nominal
       prodigy_step = prodigy_step_size(pstate)
-      g32 = jax.tree.unflatten(treedef, [feats.sanitize(g) for g in jax.tree.leaves(grads)])
+      g32 = jax.tree.unflatten(treedef, [sanitize(g) for g in jax.tree.leaves(grads)])
       prodigy_updates, pstate = prodigy_nominal().update(g32, pstate, jax.tree.unflatten(treedef, p32))
       prodigy_updates, nominal_state = jax.tree.leaves(prodigy_updates), (pstate,)
     new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0), nominal_state)
