@@ -84,7 +84,7 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_
   # Same sanitizing as learned_opt.base.sanitize: NaN -> 0, clip to +-GRAD_BOUND.
   g = jnp.clip(jnp.where(jnp.isnan(g), 0.0, g), -GRAD_BOUND, GRAD_BOUND)
   p = load(p_ref)
-  m = v = None
+  v = None
   if has_v:
     v = load(v_ref)
   h = None
