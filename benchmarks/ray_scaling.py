@@ -93,11 +93,14 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   est = config_lib.build_estimators(cfg, lopt)
   opt = config_lib.build_outer_optimizer(cfg.outer)
   trainers = {"in-process": MetaTrainer(est, opt, accumulate=cfg.outer.accumulate)}
-  for name, w, prefetch in (("ray 1 worker", 1, True), ("ray 1 worker, no prefetch", 1, False),
-                            ("ray 2 workers", 2, True)):
+  for name, w, prefetch, graph in (("ray 1 worker", 1, True, True),
+                                   ("ray 1 worker, actor calls", 1, True, False),
+                                   ("ray 1 worker, no prefetch", 1, False, True),
+                                   ("ray 2 workers", 2, True, True),
+                                   ("ray 2 workers, actor calls", 2, True, False)):
     trainers[name] = RayMetaTrainer(est, opt, accumulate=cfg.outer.accumulate, num_workers=w,
                                     cpus_per_worker=0.25, compilation_cache_dir=cache_dir,
-                                    prefetch=prefetch)
+                                    prefetch=prefetch, compiled_graph=graph)
   # Ray CPUs are scheduling tokens here (every process runs one XLA thread): 0.25 each
   # lets the 4 worker actors and this one fit on the 2 CPUs of the local Ray.
   in_actor = ray.remote(InProcessInActor).options(
@@ -110,7 +113,7 @@ def throughput(cfg, *, steps: int, repeats: int, cache_dir: str) -> dict:
   # Per block of 1-worker steps: Ray's broadcast + gather per step (wall - worker compute,
   # ms), its share of the wall, and the learner's update (ms). Per block, not per step:
   # with prefetch a step's call starts inside the previous step.
-  overhead = {"ray 1 worker": [], "ray 1 worker, no prefetch": []}
+  overhead = {"ray 1 worker": [], "ray 1 worker, actor calls": [], "ray 1 worker, no prefetch": []}
   per_step = trainers["in-process"].inner_steps_per_outer_step
   for _ in range(repeats):
     for name, tr in trainers.items():
@@ -265,13 +268,14 @@ def main():
       print(f"{'mode':<27}{'median steps/s':>13}{'vs in-process':>15}{'vs in actor':>13}"
             f"{'best steps/s':>14}{'vs in-process':>15}{'vs in actor':>13}")
       for name in ("in-process", "in-process, in an actor", "ray 1 worker",
-                   "ray 1 worker, no prefetch", "ray 2 workers"):
+                   "ray 1 worker, actor calls", "ray 1 worker, no prefetch", "ray 2 workers",
+                   "ray 2 workers, actor calls"):
         r = tp[name]
         print(f"{name:<27}{r['median']:>13,.0f}{r['ratio_median']:>15.1%}{r['ratio_median_vs_actor']:>13.1%}"
               f"{r['best']:>14,.0f}{r['ratio_best']:>15.1%}{r['ratio_best_vs_actor']:>13.1%}")
       print(f"outer step in-process: {1e3 * tp['step_s']:.0f} ms (median). Ray's broadcast + gather "
             "per step, 1 worker ((block wall - worker compute) / steps; median and best block):")
-      for name in ("ray 1 worker", "ray 1 worker, no prefetch"):
+      for name in ("ray 1 worker", "ray 1 worker, actor calls", "ray 1 worker, no prefetch"):
         r = tp[name]
         print(f"  {name:<27} median {r['overhead_ms_median']:.1f} ms = {r['overhead_share_median']:.1%} "
               f"of the step, best {r['overhead_ms_min']:.1f} ms = {r['overhead_share_min']:.1%}; "

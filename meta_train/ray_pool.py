@@ -124,6 +124,12 @@ class RayMetaTrainer:
       waits. A next `step` with another learner or seed discards that work (the
       workers rewind their pools), and `gather_states` returns the pools from before
       it, so results are those without prefetching.
+    compiled_graph: send synchronous steps (quorum 1.0, no timeout, no staleness) to all
+      workers as one Ray compiled graph (shared-memory channels; ~1.5 instead of ~3.3
+      ms per round trip here, docs/ray.md) rather than one actor call each. A step
+      during which a worker dies is redone with actor calls, which also serve every
+      other policy; the graph is rebuilt once all workers answer again. Results are
+      identical either way.
   """
 
   def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
@@ -134,7 +140,7 @@ class RayMetaTrainer:
                worker_env: dict[str, str] | None = None,
                compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100,
                combine_on_worker: bool = False, inline_theta_bytes: int = 100_000,
-               prefetch: bool = True):
+               prefetch: bool = True, compiled_graph: bool = True):
     if not estimators:
       raise ValueError("RayMetaTrainer needs at least one estimator, got none")
     if not isinstance(accumulate, int) or accumulate < 1:
@@ -156,7 +162,8 @@ class RayMetaTrainer:
     self.scheduler = Scheduler(make_actor, assignment, num_units=accumulate * len(self.shards),
                                accumulate=accumulate, quorum=quorum, timeout_s=timeout_s,
                                max_staleness=max_staleness, max_failures=max_failures, log=log,
-                               combine_on_worker=combine_on_worker)
+                               combine_on_worker=combine_on_worker,
+                               compiled_graph=compiled_graph)
     self._pools_id = 0
     self._seed = None
     self._theta = None
@@ -296,11 +303,14 @@ class RayMetaTrainer:
   def _broadcast(self, meta_params):
     """Theta for this step's calls, flat float32: one object-store copy shared by every
     worker, or, when small, the array itself (Ray then inlines it in each call; a
-    `ray.put` costs a store round trip, ~2 ms per step here for a 3 KB theta)."""
+    `ray.put` costs a store round trip, ~2 ms per step here for a 3 KB theta). A
+    compiled graph takes the array itself whatever its size (its channels copy it once
+    per node)."""
     last, flat = self._flat_theta
     if last is not meta_params:
       flat = np.asarray(self._flatten(meta_params))
-    return flat if flat.nbytes <= self.inline_theta_bytes else ray.put(flat)
+    small = flat.nbytes <= self.inline_theta_bytes
+    return flat if small or self.scheduler.compiled_graph else ray.put(flat)
 
   def _new_handle(self) -> RayPools:
     self._pools_id = int.from_bytes(os.urandom(4), "little")

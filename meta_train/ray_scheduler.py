@@ -35,6 +35,7 @@ import numpy as np
 import ray
 import ray.exceptions
 
+from learned_opt.meta_train.ray_graph import GraphSteps, StepGraph
 from learned_opt.meta_train.ray_worker import RunCall
 
 # Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
@@ -112,7 +113,7 @@ class _Slot:
   backoff_s: float = 0.0
 
 
-class Scheduler:
+class Scheduler(GraphSteps):
   """Dispatches outer steps to worker actors and gathers their shard estimates.
 
   Args:
@@ -122,12 +123,16 @@ class Scheduler:
     accumulate, quorum, timeout_s, max_staleness, max_failures, combine_on_worker: see
       `RayMetaTrainer`.
     log: where failures and stragglers are reported.
+    compiled_graph: run synchronous steps (quorum 1.0, no timeout, no staleness) as one
+      Ray compiled graph over all workers (ray_graph.py) instead of one actor call per
+      worker; any other step, and any step after a worker failure until every worker
+      is healthy again, uses actor calls.
   """
 
   def __init__(self, make_actor: Callable[[list], Any], assignment: Sequence[list], *,
                num_units: int, accumulate: int, quorum: float, timeout_s: float | None,
                max_staleness: int, max_failures: int, log: logging.Logger,
-               combine_on_worker: bool = False):
+               combine_on_worker: bool = False, compiled_graph: bool = False):
     self.num_units = num_units
     self.accumulate = accumulate
     self.combine_on_worker = combine_on_worker
@@ -138,6 +143,10 @@ class Scheduler:
     self.log = log
     self._applied: set = set()
     self.prefetched: int | None = None   # version sent ahead by `prefetch`, not yet run_step'ed
+    self.compiled_graph = compiled_graph
+    self._graph: StepGraph | None = None
+    self._graph_ref = None                # (ref of the replies, version) of the graph step in flight
+    self._graph_retry_at = 0.0
 
   def set_policy(self, *, quorum: float, timeout_s: float | None, max_staleness: int) -> None:
     """Sets the straggler and staleness policy (takes effect at the next step)."""
@@ -157,6 +166,7 @@ class Scheduler:
     and which estimates were applied."""
     self._applied = set()
     self.prefetched = None
+    self._graph_discard()
     for slot in self.slots:
       slot.epoch += 1
       slot.initialized = False
@@ -171,11 +181,19 @@ class Scheduler:
     """
     stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
              "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0,
-             "transit_to_s": 0.0, "transit_back_s": 0.0}
+             "transit_to_s": 0.0, "transit_back_s": 0.0, "graph_step": 0}
     accepted: dict = {}
     start = time.monotonic()
     last_report = start
     self.prefetched = None
+    if self._graph_ref is not None and self._graph_ref[1] != version:
+      self._graph_discard()
+    if self._graph_ref is None and self._graph_usable(theta):
+      self._graph_send(theta, seed, version)
+    if self._graph_ref is not None:
+      # Every worker's reply at once; after a failure the loop below redoes the step
+      # with actor calls.
+      self._graph_receive(version, accepted, stats)
     self._dispatch_idle(theta, seed, version)
     while True:
       running_current = any(s.ref is not None and s.ref_version == version for s in self.slots)
@@ -226,13 +244,17 @@ class Scheduler:
     """Sends step `version` to the idle workers now, ahead of its `run_step`: the
     workers compute while the caller logs, checkpoints or builds the next step. The
     calls become that `run_step`'s calls; `discard_prefetch` undoes them instead."""
-    self._dispatch_idle(theta, seed, version)
+    if self._graph_ref is None and self._graph_usable(theta):
+      self._graph_send(theta, seed, version)
+    else:
+      self._dispatch_idle(theta, seed, version)
     self.prefetched = version
 
   def discard_prefetch(self) -> None:
     """Forgets the prefetched calls: their results are never read, and each worker's
     next call first rewinds its pools to before them (calls to one actor run in order),
     so the run goes on as if they had not been sent."""
+    self._graph_discard()
     for slot in self.slots:
       if slot.ref is not None and slot.ref_version == self.prefetched:
         slot.ref, slot.undo = None, self.prefetched
@@ -242,15 +264,16 @@ class Scheduler:
     now = time.monotonic()
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
-        init = not slot.initialized
-        slot.ref_init = init
-        slot.sent_at = time.time()
-        slot.ref = slot.actor.run.remote(theta, RunCall(slot.epoch, seed, version, self.accumulate,
-                                                        init, self.combine_on_worker, slot.undo))
-        slot.undo = None
-        slot.ref_version = version
-        # Optimistic: if this call fails, _receive marks the pools lost again.
-        slot.initialized = True
+        slot.ref = slot.actor.run.remote(theta, self._call(slot, seed, version))
+
+  def _call(self, slot: _Slot, seed: int, version: int) -> RunCall:
+    """The settings of `slot`'s call for step `version`, noted as sent now."""
+    call = RunCall(slot.epoch, seed, version, self.accumulate, not slot.initialized,
+                   self.combine_on_worker, slot.undo)
+    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, time.time(), None, version
+    # Optimistic: if this call fails, the pools are marked lost again.
+    slot.initialized = True
+    return call
 
   def _receive(self, slot: _Slot, version: int, accepted: dict, stats: dict) -> None:
     ref, slot.ref = slot.ref, None
@@ -260,6 +283,11 @@ class Scheduler:
     except _ACTOR_LOST as e:
       stats["worker_failures"] += self._lost(slot, e)
       return
+    self._accept(slot, result, received, version, accepted, stats)
+
+  def _accept(self, slot: _Slot, result: dict, received: float, version: int, accepted: dict,
+              stats: dict) -> None:
+    """Takes in `slot`'s reply to a call of step `version` (received at `received`)."""
     slot.recovering, slot.backoff_s = False, 0.0
     if result["status"] == "uninitialized" or result["epoch"] != slot.epoch:
       # A restarted actor, or a result of pools the learner has since replaced.
@@ -348,6 +376,7 @@ class Scheduler:
     the record of applied estimates restarts); calls in flight become stale."""
     self._applied = set()
     self.prefetched = None
+    self._graph_discard()
     def call(slot):
       slot.epoch += 1
       slot.initialized = True
@@ -358,6 +387,9 @@ class Scheduler:
     self._call_all(call)
 
   def close(self) -> None:
+    if self._graph is not None:
+      self._graph.teardown()
+      self._graph, self._graph_ref = None, None
     for slot in self.slots:
       try:
         ray.kill(slot.actor, no_restart=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -128,6 +129,10 @@ class PoolWorker:
   Every call carries the learner's `epoch` for this worker: pools exist for one epoch
   only, so a restarted actor (empty) or one whose pools the learner has given up on
   answers "uninitialized" instead of estimating from state the learner did not ask for.
+
+  `run` may arrive through a compiled graph (ray_graph.py), whose loop runs on its own
+  thread next to the actor's executor; a lock keeps pool reads and updates (`run`,
+  `get_states`, `set_states`) one at a time.
   """
 
   def __init__(self, estimators: Sequence[Any], shards: Sequence[Shard], cache_dir: str | None):
@@ -147,6 +152,7 @@ class PoolWorker:
     self._pack = jax.jit(self._pack_impl, static_argnums=1)
     self._steps_keys = {}
     self._before = None   # (epoch, version, pools) the last run started from
+    self._lock = threading.Lock()
 
   def node_id(self) -> str:
     return ray.get_runtime_context().get_node_id()
@@ -198,6 +204,10 @@ class PoolWorker:
     (j, f), the pair-weighted mean of its shards, keyed by its first shard.
     """
     entered = time.time()   # wall clock: the learner compares it with its own stamps
+    with self._lock:
+      return self._run(theta, call, entered)
+
+  def _run(self, theta: np.ndarray, call: RunCall, entered: float) -> dict:
     epoch, seed, version, accumulate, init, combine, undo = call
     if self._delay_s:
       time.sleep(self._delay_s)
@@ -241,6 +251,10 @@ class PoolWorker:
                  before: int | None = None) -> dict:
     """The shards' pool states (host arrays), keyed by (family, shard); if the last
     run was of version `before` (a prefetch), the states it started from."""
+    with self._lock:
+      return self._get_states(theta, epoch=epoch, seed=seed, init=init, before=before)
+
+  def _get_states(self, theta, *, epoch, seed, init, before) -> dict:
     if init:
       self._init_pools(self._unflatten(theta), seed, epoch)
     if not self._ready(epoch):
@@ -252,6 +266,10 @@ class PoolWorker:
 
   def set_states(self, states: dict, *, epoch: int) -> dict:
     """Replaces the shards' pools by `states` ((family, shard) -> host state)."""
+    with self._lock:
+      return self._set_states(states, epoch=epoch)
+
+  def _set_states(self, states: dict, *, epoch: int) -> dict:
     pools = {}
     for sh in self._shards:
       est = self._estimators[sh.family]

@@ -150,6 +150,7 @@ def test_one_and_two_workers_give_identical_meta_params(pool):
     learner, handle, hist = _run(tr, 5)
     finals[workers] = (learner, tr.gather_states(handle))
     assert all(h["units_used"] == 4 and h["worker_failures"] == 0 for h in hist)
+    assert all(h["graph_step"] == 1 for h in hist)   # synchronous: one compiled graph per step
     assert hist[0]["pool_inits"] == workers and all(h["pool_inits"] == 0 for h in hist[1:])
     # Where a step's time goes: transit both ways is measured (a prefetched call may
     # start, and finish, before its step does, so no bound by the step's own wait).
@@ -208,8 +209,17 @@ def test_checkpoint_round_trip_is_exact_across_worker_counts(trainers):
 
 
 # ---- failures and stragglers ---------------------------------------------------------------
-def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog):
+@pytest.mark.parametrize("compiled_graph", [True, False])
+def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog, compiled_graph):
   tr = trainers[2]
+  tr.scheduler.compiled_graph = compiled_graph
+  try:
+    _killed_worker_run(tr, caplog, compiled_graph)
+  finally:
+    tr.scheduler.compiled_graph = True
+
+
+def _killed_worker_run(tr, caplog, compiled_graph):
   learner, handle, _ = _run(tr, 1)
   victim = tr.scheduler.slots[0].actor
   old_pid = ray.get(victim.pid.remote())
@@ -226,6 +236,8 @@ def test_killed_worker_is_restarted_and_its_units_reissued(trainers, caplog):
   assert all(h["worker_failures"] == 0 and h["pool_inits"] == 0 for h in hist[1:])
   assert ray.get(victim.pid.remote()) != old_pid
   assert "worker 0 lost" in caplog.text
+  # The failed step is redone with actor calls; the next steps use the rebuilt graph.
+  assert [h["graph_step"] for h in hist] == ([0, 1, 1] if compiled_graph else [0, 0, 0])
   assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
   assert int(learner.step) == 5
 
@@ -239,7 +251,7 @@ def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
   t0 = time.perf_counter()
   learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
   assert time.perf_counter() - t0 < 1.5   # did not wait for the 2 s straggler
-  assert hist[0]["units_used"] == 2
+  assert hist[0]["units_used"] == 2 and hist[0]["graph_step"] == 0   # quorum needs actor calls
   ray.get(tr.scheduler.slots[1].actor.inject_delay.remote(0.0))  # queued behind its late call
   learner, handle, hist = _run(tr, 1, learner=learner, handle=handle)
   assert hist[0]["units_dropped_stale"] == 2 and hist[0]["staleness"] == 0
