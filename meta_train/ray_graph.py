@@ -90,9 +90,32 @@ class GraphSteps:
         return False
     return True
 
-  def _graph_send(self, theta, seed: int, version: int) -> None:
+  def _graph_send(self, theta, seed: int, version: int) -> bool:
+    """Sends step `version` through the graph; False (nothing sent) if the graph's
+    channels broke since it was built (an actor restarted between steps)."""
     calls = [self._call(slot, seed, version) for slot in self.slots]
-    self._graph_ref = (self._graph.execute(theta, calls), version)
+    try:
+      self._graph_ref = (self._graph.execute(theta, calls), version)
+    except GRAPH_LOST as e:
+      self.log.warning("the step graph is broken (%s: %s); using actor calls until it is rebuilt",
+                       type(e).__name__, (str(e).splitlines() or [''])[0])
+      self._graph_drop()
+      return False
+    for slot, call in zip(self.slots, calls):
+      self._sent(slot, call)
+    return True
+
+  def _graph_drop(self) -> None:
+    """Tears the graph down (it is rebuilt when every worker is healthy). A step in
+    flight in it is given up: each worker's next call first rewinds its pools to
+    before that step, in case it ran."""
+    if self._graph_ref is not None:
+      for slot in self.slots:
+        slot.undo = self._graph_ref[1]
+      self._graph_ref = None
+    if self._graph is not None:
+      self._graph.teardown()
+      self._graph = None
 
   def _graph_receive(self, version: int, accepted: dict, stats: dict) -> None:
     ref, sent_version = self._graph_ref
@@ -127,8 +150,7 @@ class GraphSteps:
     """A worker died during a graph step: the graph is torn down (rebuilt once every
     worker answers actor calls again), and the workers that did run the step rewind
     their pools before redoing it, so the step's estimates are those of one run."""
-    self._graph.teardown()
-    self._graph = None
+    self._graph_drop()
     self.failures += 1
     why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     dead = getattr(error, "actor_id", None)

@@ -189,7 +189,7 @@ class Scheduler(GraphSteps):
     if self._graph_ref is not None and self._graph_ref[1] != version:
       self._graph_discard()
     if self._graph_ref is None and self._graph_usable(theta):
-      self._graph_send(theta, seed, version)
+      self._graph_send(theta, seed, version)   # on failure, actor calls below
     if self._graph_ref is not None:
       # Every worker's reply at once; after a failure the loop below redoes the step
       # with actor calls.
@@ -244,9 +244,8 @@ class Scheduler(GraphSteps):
     """Sends step `version` to the idle workers now, ahead of its `run_step`: the
     workers compute while the caller logs, checkpoints or builds the next step. The
     calls become that `run_step`'s calls; `discard_prefetch` undoes them instead."""
-    if self._graph_ref is None and self._graph_usable(theta):
-      self._graph_send(theta, seed, version)
-    else:
+    sent = self._graph_ref is None and self._graph_usable(theta) and self._graph_send(theta, seed, version)
+    if not sent:
       self._dispatch_idle(theta, seed, version)
     self.prefetched = version
 
@@ -264,16 +263,21 @@ class Scheduler(GraphSteps):
     now = time.monotonic()
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
-        slot.ref = slot.actor.run.remote(theta, self._call(slot, seed, version))
+        call = self._call(slot, seed, version)
+        slot.ref = slot.actor.run.remote(theta, call)
+        self._sent(slot, call)
 
   def _call(self, slot: _Slot, seed: int, version: int) -> RunCall:
-    """The settings of `slot`'s call for step `version`, noted as sent now."""
-    call = RunCall(slot.epoch, seed, version, self.accumulate, not slot.initialized,
+    """The settings of `slot`'s call for step `version`."""
+    return RunCall(slot.epoch, seed, version, self.accumulate, not slot.initialized,
                    self.combine_on_worker, slot.undo)
-    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, time.time(), None, version
+
+  @staticmethod
+  def _sent(slot: _Slot, call: RunCall) -> None:
+    """Notes `call` as sent to `slot` now."""
+    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, time.time(), None, call.version
     # Optimistic: if this call fails, the pools are marked lost again.
     slot.initialized = True
-    return call
 
   def _receive(self, slot: _Slot, version: int, accepted: dict, stats: dict) -> None:
     ref, slot.ref = slot.ref, None
@@ -318,6 +322,7 @@ class Scheduler(GraphSteps):
     slot.epoch += 1
     slot.initialized = False
     slot.done_version = -1
+    self._graph_drop()   # the actor's restart broke the graph's channels to it
     slot.backoff_s = min(2.0, max(0.1, 2 * slot.backoff_s))
     slot.retry_at = time.monotonic() + slot.backoff_s
     if slot.recovering and isinstance(error, ray.exceptions.ActorUnavailableError):
@@ -387,9 +392,7 @@ class Scheduler(GraphSteps):
     self._call_all(call)
 
   def close(self) -> None:
-    if self._graph is not None:
-      self._graph.teardown()
-      self._graph, self._graph_ref = None, None
+    self._graph_drop()
     for slot in self.slots:
       try:
         ray.kill(slot.actor, no_restart=True)

@@ -242,6 +242,32 @@ def _killed_worker_run(tr, caplog, compiled_graph):
   assert int(learner.step) == 5
 
 
+def test_worker_restarted_between_graph_steps_is_reinitialized(trainers, caplog):
+  tr = trainers[2]
+  tr.prefetch = False
+  try:
+    learner, handle, hist = _run(tr, 2)
+    assert hist[-1]["graph_step"] == 1
+    victim = tr.scheduler.slots[1].actor
+    old_pid = ray.get(victim.pid.remote())
+    ray.kill(victim, no_restart=False)
+    for _ in range(100):   # wait until Ray has restarted it: the graph's channels are stale
+      try:
+        if ray.get(victim.pid.remote(), timeout=5) != old_pid:
+          break
+      except ray.exceptions.RayActorError:
+        time.sleep(0.1)
+    with caplog.at_level(logging.WARNING, logger="lopt.ray"):
+      learner, handle, hist = _run(tr, 3, learner=learner, handle=handle)
+  finally:
+    tr.prefetch = True
+  assert all(h["units_used"] == h["units_total"] == 4 for h in hist)
+  assert sum(h["pool_inits"] for h in hist) == 1 and hist[0]["graph_step"] == 0
+  assert hist[-1]["graph_step"] == 1   # rebuilt once every worker answered again
+  assert all(np.isfinite(h["meta_loss"]) and h["skipped"] == 0 for h in hist)
+  assert int(learner.step) == 5
+
+
 def test_straggler_is_left_behind_and_its_late_estimate_dropped(trainers):
   tr = trainers[2]
   tr.set_policy(quorum=0.5, timeout_s=0.3)
