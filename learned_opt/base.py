@@ -71,6 +71,13 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
     """Names of the input features in the order the network reads them (for headers)."""
     return ()
 
+  @property
+  def needs_value_fn(self) -> bool:
+    """Whether `update` reads `value_fn` (the "saferate" feature): training loops then
+    pass the loss on the step's batch as a function of the params."""
+    spec = getattr(self, "spec", None)
+    return spec is not None and "saferate" in spec.features
+
   def config(self) -> dict[str, Any]:
     """The static config as a JSON-able dict (tuples become lists)."""
     out = {}

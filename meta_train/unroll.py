@@ -99,6 +99,8 @@ def unroll_member(family: TaskFamily, lopt, meta_params: MetaParams, state: Inne
     The advanced state and the per-step `UnrollOutput`.
   """
 
+  needs_value_fn = getattr(lopt, "needs_value_fn", False)
+
   def step(state: InnerState, _):
     reset = state.step >= state.horizon
     state = _select(reset, fresh, state)
@@ -106,8 +108,10 @@ def unroll_member(family: TaskFamily, lopt, meta_params: MetaParams, state: Inne
     k_batch, k_lopt, k_val = jax.random.split(jax.random.fold_in(state.data_key, state.step), 3)
     batch = task.batch(k_batch, "train")
     loss, grads = jax.value_and_grad(task.loss)(state.params, k_batch, batch)
+    # The "saferate" feature bounds the loss along a direction: the step's own batch.
+    extra = {"value_fn": lambda p: task.loss(p, k_batch, batch)} if needs_value_fn else {}
     updates, opt_state = lopt.update(meta_params, grads, state.opt_state, state.params,
-                                     loss=loss, key=k_lopt)
+                                     loss=loss, key=k_lopt, **extra)
     params = optax.apply_updates(state.params, updates)
     if meta_loss_split == "train":
       term = task.normalize(loss)

@@ -1,5 +1,7 @@
 """Task augmentation (`ParamScaleFamily`, `task.param_scale_range`) and fine-tuning a
 learned optimizer from a checkpoint (`lopt.init_from`)."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,24 @@ def test_full_batch_families_add_noise_free_sub_pools():
   np.testing.assert_array_equal(b1["noise"], b2["noise"])  # ... its full-batch twin is not
   np.testing.assert_array_equal(b1["noise"], 0.0)
   assert isinstance(FullBatchFamily(fam.base).task(), learned_opt.tasks.Task)
+
+
+def test_meta_training_feeds_the_saferate_feature_its_loss_function(tmp_path):
+  # The "saferate" feature bounds the loss along the Adam direction, so the inner loop
+  # must hand the optimizer `value_fn` (the step's batch loss); without it the feature
+  # raises at trace time.
+  sets = ["lopt.name=hierarchical", "task.families=[quadratic]",
+          "task.full_batch_families=[quadratic]", "truncation.horizon=12",
+          "estimator.unroll_length=4", "estimator.num_tasks=2", "outer.num_steps=2",
+          "run.checkpoint_every=2", "run.export=null", "run.tensorboard=false",
+          "lopt.options={tensor_hidden: 4, num_mlps: 2, per_param_hidden: 2, nominal: adam, "
+          "features: [grad, momentum, adam, saferate, step_embed]}"]
+  cfg = config_lib.load_config(None, sets)
+  lopt = config_lib.build_lopt(cfg.lopt)
+  assert lopt.needs_value_fn and not learned_opt.HierarchicalLOpt().needs_value_fn
+  result = run_meta_training(cfg, str(tmp_path / "run"), progress=False)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    history = [json.loads(line) for line in f]
+  assert result.finished and len(history) == 2
+  assert all(np.isfinite(m["meta_loss"]) and m["skipped"] == 0 for m in history)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(result.learner.meta_params))
