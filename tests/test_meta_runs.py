@@ -63,13 +63,12 @@ def test_overrides_types_and_round_trip():
   assert config_lib.build_lopt(cfg.lopt).hidden_sizes == (8,)
 
 
-@pytest.mark.parametrize("name", ["tiny", "pretrain_mlp", "pretrain_hierarchical", "mlp", "lstm",
-                                  "hierarchical", "finetune_hierarchical_adam_pscale"])
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(_CONFIG_DIR) if f.endswith(".yaml")))
 def test_shipped_configs_validate(name):
-  path = f"configs/{name}.yaml"
-  if not os.path.exists(path):
-    pytest.skip(f"{path} not present")
-  cfg = config_lib.load_config(path)
+  cfg = config_lib.load_config(os.path.join(_CONFIG_DIR, f"{name}.yaml"))
   config_lib.build_lopt(cfg.lopt)
   config_lib.build_schedule(cfg.truncation).check(cfg.estimator.unroll_length)
 
