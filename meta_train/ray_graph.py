@@ -13,6 +13,7 @@ is healthy again.
 """
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any, Sequence
 
@@ -56,12 +57,19 @@ class StepGraph:
     return [ref.get(timeout=-1) for ref in refs]
 
   def teardown(self) -> None:
-    """Stops the actors' graph loops. After a failure Ray reports the actors it cannot
-    reach in its log; the graph is gone either way."""
+    """Stops the actors' graph loops and frees the graph. After a failure Ray reports
+    the actors it cannot reach in its log; the graph is gone either way."""
+    if self._compiled is None:
+      return
     try:
       self._compiled.teardown()
     except Exception:  # a dead actor's loop: nothing left to stop
       pass
+    # The compiled graph and its channels sit in reference cycles; collected after
+    # `ray.shutdown()`, their native buffers crashed the process (segfault in the next
+    # test of the suite). Collect them now, while Ray is up.
+    self._compiled = None
+    gc.collect()
 
 
 class GraphSteps:
