@@ -110,6 +110,7 @@ def test_full_batch_families_add_noise_free_sub_pools():
   assert isinstance(FullBatchFamily(fam.base).task(), learned_opt.tasks.Task)
 
 
+@pytest.mark.slow  # ~30 s: a meta-training run with a Taylor-enclosure pass per inner step
 def test_meta_training_feeds_the_saferate_feature_its_loss_function(tmp_path):
   # The "saferate" feature bounds the loss along the Adam direction, so the inner loop
   # must hand the optimizer `value_fn` (the step's batch loss); without it the feature
