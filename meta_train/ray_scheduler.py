@@ -26,6 +26,7 @@ repeat raises instead of being averaged in twice.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -393,6 +394,9 @@ class Scheduler(GraphSteps):
 
   def close(self) -> None:
     self._graph_drop()
+    # Graphs given up after a failure may still await collection: free them while Ray
+    # is up (see ray_graph.StepGraph.teardown).
+    gc.collect()
     for slot in self.slots:
       try:
         ray.kill(slot.actor, no_restart=True)
