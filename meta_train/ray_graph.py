@@ -102,6 +102,8 @@ class GraphSteps:
     """Sends step `version` through the graph; False (nothing sent) if the graph's
     channels broke since it was built (an actor restarted between steps)."""
     calls = [self._call(slot, seed, version) for slot in self.slots]
+    # Stamped before `execute`: the workers may start the step before it returns.
+    sent_at = time.time()
     try:
       self._graph_ref = (self._graph.execute(theta, calls), version)
     except GRAPH_LOST as e:
@@ -110,7 +112,7 @@ class GraphSteps:
       self._graph_drop()
       return False
     for slot, call in zip(self.slots, calls):
-      self._sent(slot, call)
+      self._sent(slot, call, sent_at)
     return True
 
   def _graph_drop(self) -> None:

@@ -265,8 +265,9 @@ class Scheduler(GraphSteps):
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
         call = self._call(slot, seed, version)
+        sent_at = time.time()   # before the call: the worker may enter it before `remote` returns
         slot.ref = slot.actor.run.remote(theta, call)
-        self._sent(slot, call)
+        self._sent(slot, call, sent_at)
 
   def _call(self, slot: _Slot, seed: int, version: int) -> RunCall:
     """The settings of `slot`'s call for step `version`."""
@@ -274,9 +275,9 @@ class Scheduler(GraphSteps):
                    self.combine_on_worker, slot.undo)
 
   @staticmethod
-  def _sent(slot: _Slot, call: RunCall) -> None:
-    """Notes `call` as sent to `slot` now."""
-    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, time.time(), None, call.version
+  def _sent(slot: _Slot, call: RunCall, sent_at: float) -> None:
+    """Notes `call` as sent to `slot` at wall-clock time `sent_at`."""
+    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, sent_at, None, call.version
     # Optimistic: if this call fails, the pools are marked lost again.
     slot.initialized = True
 
