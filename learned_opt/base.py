@@ -234,8 +234,10 @@ def magnitude_update(direction: jax.Array, magnitude: jax.Array, *, exp_mult: fl
 
 
 # nominal="adam" (PerParamMLP, HierarchicalLOpt): a learned optimizer that corrects Adam;
-# nominal="prodigy" (HierarchicalLOpt): one that corrects Prodigy (see `prodigy_nominal`).
-NOMINALS = ("none", "adam", "prodigy")
+# nominal="prodigy" (HierarchicalLOpt): one that corrects Prodigy (see `prodigy_nominal`);
+# nominal="adam_hd" (HierarchicalLOpt): one that corrects Adam with hypergradient-adapted
+# per-tensor learning rates (`learned_opt.baselines.adam_hd`).
+NOMINALS = ("none", "adam", "prodigy", "adam_hd")
 NOMINAL_RESIDUAL_CLIP = 3.0     # |learned correction| <= this, in units of Adam's direction
 NOMINAL_MAX_LOG_SCALE = 4.0     # learned step-size factor within [e^-4, e^4]
 NOMINAL_OUT_INIT = 0.01         # output weights start this small: untrained == Adam
@@ -246,8 +248,8 @@ def check_nominal(nominal: str, features, fused: str, *, allowed=NOMINALS) -> No
   """Validates a `nominal` setting against the feature selection and the fused mode."""
   if nominal not in allowed:
     raise ValueError(f"nominal must be one of {allowed}, got {nominal!r}")
-  if nominal == "adam" and "adam" not in features:
-    raise ValueError(f"nominal='adam' needs the 'adam' feature group; features are "
+  if nominal in ("adam", "adam_hd") and "adam" not in features:
+    raise ValueError(f"nominal={nominal!r} needs the 'adam' feature group; features are "
                      f"{tuple(features)}")
   if nominal != "none" and fused in ("pallas", "interpret"):
     raise ValueError(f"nominal={nominal!r} runs on the XLA path; got fused={fused!r} "

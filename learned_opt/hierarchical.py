@@ -24,6 +24,10 @@ With `nominal="prodigy"` it corrects optax's Prodigy the same way (`base.
 nominal_prodigy_update`): `(prodigy - d * step) * exp(log_scale + exp_mult * s)` with
 `step` Prodigy's own step size, so untrained it is Prodigy (no learning rate at all,
 `step_mult` unused) and the learned factor is relative to Prodigy's estimate.
+With `nominal="adam_hd"` it corrects Adam whose per-tensor learning rate adapts by
+hypergradient descent (`learned_opt.baselines.adam_hd`): as with "adam", times each
+tensor's `exp(log_lr)`, which the state carries; the LSTM also reads that log learning
+rate and the cosine that moved it. Untrained, it is `adam_hd(step_mult)`.
 
 The head also reads its input linearly (a skip connection), so per-tensor step scales
 that are linear in the statistics (e.g. plain SGD) are exactly representable.
@@ -40,6 +44,7 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
+from learned_opt.baselines import hypergradient as hd
 from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
                               LearnedOptimizer, adam_direction, cast_like, check_nominal,
                               check_positive, magnitude_update, nominal_adam_update,
@@ -73,13 +78,19 @@ def _tiny_mlp(chans, w1, b1, w2, b2):
   return outs[0], outs[1]
 
 
+def _momentum_index(spec: feats.FeatureSpec) -> int:
+  """The momentum decay closest to 0.9: Adam's first moment (`base.adam_direction`)."""
+  decays = spec.momentum_decays
+  return min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
+
+
 class HierarchicalState(NamedTuple):
   """State of `HierarchicalLOpt`."""
   features: feats.FeatureState
   lstm_c: jax.Array   # [n_tensors, tensor_hidden]
   lstm_h: jax.Array   # [n_tensors, tensor_hidden]
   summary: jax.Array  # [tensor_hidden]: mean of lstm_h over tensors, previous step
-  nominal: tuple = ()  # nominal="prodigy": (optax's ProdigyState,), else ()
+  nominal: tuple = ()  # "prodigy": (optax's ProdigyState,); "adam_hd": (log_lr [n],); else ()
 
   @property
   def step(self):
@@ -106,8 +117,11 @@ class HierarchicalLOpt(LearnedOptimizer):
     fused: per-parameter MLP path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (tests); see `learned_opt.fused`.
     nominal: "none" (steps relative to the tensor RMS, above), "adam" (corrections
-      of Adam at `step_mult`; needs the "adam" feature group; XLA path) or "prodigy"
-      (corrections of optax's Prodigy, learning-rate free; XLA path).
+      of Adam at `step_mult`; needs the "adam" feature group; XLA path), "adam_hd"
+      (the same around hypergradient-adapted Adam) or "prodigy" (corrections of
+      optax's Prodigy, learning-rate free; XLA path).
+    hypergradient_rate, hypergradient_max_log_lr: with nominal="adam_hd", the
+      `rate` and `max_log_lr` of `learned_opt.baselines.scale_by_adam_hd`.
     nominal_max_log_scale: with a nominal, the learned step factor stays within
       [e^-m, e^m] of the nominal's step (a trust region around a rule known to work).
   """
@@ -130,10 +144,14 @@ class HierarchicalLOpt(LearnedOptimizer):
   fused: str = struct.field(pytree_node=False, default="auto")
   nominal: str = struct.field(pytree_node=False, default="none")
   nominal_max_log_scale: float = struct.field(pytree_node=False, default=NOMINAL_MAX_LOG_SCALE)
+  hypergradient_rate: float = struct.field(pytree_node=False, default=hd.DEFAULT_RATE)
+  hypergradient_max_log_lr: float = struct.field(pytree_node=False, default=hd.DEFAULT_MAX_LOG_LR)
 
   def __post_init__(self):
     check_nominal(self.nominal, self.features, self.fused)
     check_positive("nominal_max_log_scale", self.nominal_max_log_scale)
+    check_positive("hypergradient_rate", self.hypergradient_rate, allow_zero=True)
+    check_positive("hypergradient_max_log_lr", self.hypergradient_max_log_lr, allow_zero=True)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
@@ -162,7 +180,7 @@ class HierarchicalLOpt(LearnedOptimizer):
   def _tensor_input_size(self) -> int:
     spec = self.spec
     return (len(spec.tensor_names()) + len(_TENSOR_STATS) + len(spec.global_names())
-            + self.tensor_hidden)
+            + self.tensor_hidden + (2 if self.nominal == "adam_hd" else 0))
 
   def init_meta_params(self, key):
     n_p, hid, k_mlps = len(self.spec.param_names()), self.per_param_hidden, self.num_mlps
@@ -193,11 +211,22 @@ class HierarchicalLOpt(LearnedOptimizer):
     nominal = ()
     if self.nominal == "prodigy":
       nominal = (prodigy_nominal().init(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)),)
+    elif self.nominal == "adam_hd":
+      nominal = (jnp.zeros((n,), jnp.float32),)
     return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros, zeros,
                              jnp.zeros((self.tensor_hidden,), jnp.float32), nominal)
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
     del key
+    nominal_state, hd_inputs, hd_log_lr = state.nominal, [], None
+    if self.nominal == "adam_hd":  # the cosine uses the momentum from before this step
+      k = _momentum_index(self.spec)
+      cos = hd.cosines([sanitize(g) for g in jax.tree.leaves(grads)],
+                       [m[k] for m in state.features.momenta])
+      hd_log_lr = hd.next_log_lr(state.nominal[0], cos, rate=self.hypergradient_rate,
+                                 max_log_lr=self.hypergradient_max_log_lr)
+      nominal_state, hd_inputs = (hd_log_lr,), [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None],
+                                                hd_log_lr[:, None]]
     f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
                               value_fn=value_fn)
     leaves, treedef = jax.tree.flatten(params)
@@ -215,7 +244,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     x_in = jnp.concatenate([
         f.per_tensor, jnp.log(param_scale)[:, None], shape_stats,
         jnp.broadcast_to(f.global_, (n, f.global_.shape[0])),
-        jnp.broadcast_to(state.summary, (n, self.tensor_hidden))], axis=1)
+        jnp.broadcast_to(state.summary, (n, self.tensor_hidden))] + hd_inputs, axis=1)
     (c, h), _ = self._cell.apply({"params": meta_params["lstm"]}, (state.lstm_c, state.lstm_h), x_in)
     head = meta_params["head"]
     out = h @ head["w_h"] + x_in @ head["w_in"] + head["b"]   # [n, num_mlps + 1]
@@ -228,7 +257,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     w2 = jnp.einsum("nk,khd->nhd", mix, bank["w2"])
     b2 = mix @ bank["b2"]
     step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
-    nominal_state, prodigy_updates = state.nominal, None
+    prodigy_updates = None
     if self.nominal == "prodigy":
       (pstate,) = state.nominal
       prodigy_step = prodigy_step_size(pstate)
@@ -252,6 +281,14 @@ class HierarchicalLOpt(LearnedOptimizer):
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
                                 log_scale[i] + self.exp_mult * s, step_mult=self.step_mult,
                                 max_log_scale=self.nominal_max_log_scale)
+      elif self.nominal == "adam_hd":
+        # The learned factor stays within e^+-nominal_max_log_scale of the hypergradient
+        # rate, and their product within the rate's own bound: a learned factor that
+        # compounds with a rate already at its ceiling diverges on long full-batch runs.
+        m, cap = self.nominal_max_log_scale, self.hypergradient_max_log_lr
+        total = jnp.clip(hd_log_lr[i] + jnp.clip(log_scale[i] + self.exp_mult * s, -m, m), -cap, cap)
+        u = nominal_adam_update(adam_direction(self.spec, fstate, i), d, total,
+                                step_mult=self.step_mult, max_log_scale=cap)
       elif self.nominal == "prodigy":
         u = nominal_prodigy_update(prodigy_updates[i], d, log_scale[i] + self.exp_mult * s,
                                    step=prodigy_step, max_log_scale=self.nominal_max_log_scale)

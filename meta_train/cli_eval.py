@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  help="heldout, heldout_short, heldout_offline, safeguard, or several joined with '+'")
   p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--baselines", default="adam,muon,saferate,prodigy",
+  p.add_argument("--baselines", default="adam,muon,saferate,prodigy,adam_hd",
                  help="comma-separated baselines (adam is the reference and always runs)")
   p.add_argument("--lr-grid", type=_floats, default=None,
                  help="learning rates of the tuned baselines (default: 7 values, 1e-4..1e-1)")

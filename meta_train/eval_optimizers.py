@@ -12,6 +12,9 @@ Names `resolve` understands:
   saferate            SafeRate on the Adam direction (hyperparameter-free)
   prodigy             optax's Prodigy at its default learning rate 1 (learning-rate free;
                       the nominal of `HierarchicalLOpt(nominal="prodigy")`)
+  adam_hd             Adam with hypergradient-adapted per-tensor learning rates from 3e-3
+                      (`learned_opt.baselines.adam_hd`, untuned; the nominal of
+                      `HierarchicalLOpt(nominal="adam_hd")`)
   NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
   saferate+NAME       SafeRate around that learned optimizer's direction
 """
@@ -27,7 +30,7 @@ from learned_opt.baselines.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
 DEFAULT_LR_GRID: tuple[float, ...] = DEFAULT_GRID
-BASELINES = ("adam", "muon", "saferate", "prodigy")
+BASELINES = ("adam", "muon", "saferate", "prodigy", "adam_hd")
 SAFERATE_PREFIX = "saferate+"
 
 
@@ -68,6 +71,15 @@ def _prodigy(lr, aux, num_steps):
   del lr, aux, num_steps
   from learned_opt.base import prodigy_nominal
   return prodigy_nominal()
+
+
+def _adam_hd(lr, aux, num_steps):
+  del lr, aux, num_steps
+  from learned_opt.baselines import adam_hd
+  return adam_hd(ADAM_HD_LR)
+
+
+ADAM_HD_LR = 3e-3   # the initial rate; the shipped hierarchical_adam_hd's step_mult
 
 
 def _saferate_module():
@@ -147,6 +159,8 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
     return Candidate("saferate", _saferate_adam, fingerprint="saferate:adam")
   if name == "prodigy":
     return Candidate("prodigy", _prodigy, fingerprint="prodigy:lr1")
+  if name == "adam_hd":
+    return Candidate("adam_hd", _adam_hd, fingerprint=f"adam_hd:lr{ADAM_HD_LR}")
   if name.startswith(SAFERATE_PREFIX):
     _saferate_module()
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])

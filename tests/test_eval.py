@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import learned_opt as lo
-from learned_opt import tasks
+from learned_opt import baselines, tasks
 from learned_opt.meta_train import cli, eval_metrics as M, eval_optimizers, eval_suites
 from learned_opt.meta_train import evaluation, report
 from learned_opt.tasks.registry import SuiteTask
@@ -88,6 +88,19 @@ def test_prodigy_baseline_is_optax_prodigy_without_a_grid():
   ref = tasks.train(task, optax.contrib.prodigy(1.0), num_steps=40, key=keys[0], full_batch=True)
   np.testing.assert_allclose(losses[0, 0], ref.losses, rtol=1e-5)
   assert float(final_train[0, 0]) < 0.5 * float(losses[0, 0, 0])  # it trained, with no lr given
+
+
+def test_adam_hd_baseline_is_hypergradient_adam_without_a_grid():
+  task = tasks.QuadraticFamily(dim=4).task()
+  keys = evaluation.seed_keys(1)
+  cand = eval_optimizers.resolve("adam_hd")
+  assert cand.grid == () and cand.kind == "hyperparameter-free" and "adam_hd" in eval_optimizers.BASELINES
+  losses, _, _ = evaluation.run_grid(task, jnp.zeros((1,)), keys, None, make=cand.make,
+                                     num_steps=40, full_batch=True)
+  ref = tasks.train(task, baselines.adam_hd(3e-3), num_steps=40, key=keys[0], full_batch=True)
+  np.testing.assert_allclose(losses[0, 0], ref.losses, rtol=1e-5)
+  plain = tasks.train(task, optax.adam(3e-3), num_steps=40, key=keys[0], full_batch=True)
+  assert float(losses[0, 0, -1]) < float(plain.losses[-1])   # its rate grew past 3e-3
 
 
 def test_evaluate_suite_writes_results_and_resumes(tmp_path):
