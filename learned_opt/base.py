@@ -256,6 +256,12 @@ def check_nominal(nominal: str, features, fused: str, *, allowed=NOMINALS) -> No
                      f"(use 'auto' or 'xla')")
 
 
+def adam_momentum_index(spec) -> int:
+  """Index of the momentum decay closest to 0.9: Adam's first moment."""
+  decays = spec.momentum_decays
+  return min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
+
+
 def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
   """Adam's bias-corrected m / (sqrt(v) + eps) for one leaf, from the feature state.
 
@@ -263,7 +269,7 @@ def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
   after this step's accumulation (its step counter is already 1 at the first update).
   """
   decays = spec.momentum_decays
-  k = min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
+  k = adam_momentum_index(spec)
   t = fstate.step.astype(jnp.float32)
   m_hat = fstate.momenta[leaf_index][k] / (1.0 - decays[k] ** t)
   v_hat = fstate.nu[leaf_index] / (1.0 - spec.rms_decay ** t)

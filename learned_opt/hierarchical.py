@@ -46,8 +46,9 @@ from learned_opt import features as feats
 from learned_opt import fused as fused_lib
 from learned_opt.baselines import hypergradient as hd
 from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
-                              LearnedOptimizer, adam_direction, cast_like, check_nominal,
-                              check_positive, magnitude_update, nominal_adam_update,
+                              LearnedOptimizer, adam_direction, adam_momentum_index,
+                              cast_like, check_nominal, check_positive, magnitude_update,
+                              nominal_adam_update,
                               nominal_prodigy_update, prodigy_nominal, prodigy_step_size,
                               sanitize)
 
@@ -76,12 +77,6 @@ def _tiny_mlp(chans, w1, b1, w2, b2):
       z = z + h * w2[j, o]
     outs.append(z)
   return outs[0], outs[1]
-
-
-def _momentum_index(spec: feats.FeatureSpec) -> int:
-  """The momentum decay closest to 0.9: Adam's first moment (`base.adam_direction`)."""
-  decays = spec.momentum_decays
-  return min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
 
 
 class HierarchicalState(NamedTuple):
@@ -220,7 +215,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     del key
     nominal_state, hd_inputs, hd_log_lr = state.nominal, [], None
     if self.nominal == "adam_hd":  # the cosine uses the momentum from before this step
-      k = _momentum_index(self.spec)
+      k = adam_momentum_index(self.spec)
       cos = hd.cosines([sanitize(g) for g in jax.tree.leaves(grads)],
                        [m[k] for m in state.features.momenta])
       hd_log_lr = hd.next_log_lr(state.nominal[0], cos, rate=self.hypergradient_rate,
