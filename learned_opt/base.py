@@ -277,13 +277,15 @@ def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
 
 
 def nominal_adam_update(adam: jax.Array, correction: jax.Array, log_scale: jax.Array, *,
-                        step_mult, max_log_scale: float = NOMINAL_MAX_LOG_SCALE) -> jax.Array:
+                        step_mult, max_log_scale: float = NOMINAL_MAX_LOG_SCALE,
+                        residual_clip: float = NOMINAL_RESIDUAL_CLIP) -> jax.Array:
   """`-(adam + clip(correction)) * exp(clip(log_scale)) * step_mult`.
 
   Both clips bound how far a learned optimizer can stray from Adam, whatever its
-  meta-parameters: per coordinate at most (1 + 3) * e^max_log_scale * step_mult.
+  meta-parameters: per coordinate at most (1 + residual_clip) * e^max_log_scale *
+  step_mult.
   """
-  d = jnp.clip(correction, -NOMINAL_RESIDUAL_CLIP, NOMINAL_RESIDUAL_CLIP)
+  d = jnp.clip(correction, -residual_clip, residual_clip)
   scale = jnp.exp(jnp.clip(log_scale, -max_log_scale, max_log_scale))
   return -(adam + d) * scale * step_mult
 
@@ -312,9 +314,10 @@ def prodigy_step_size(state) -> jax.Array:
 
 def nominal_prodigy_update(prodigy_update: jax.Array, correction: jax.Array,
                            log_scale: jax.Array, *, step: jax.Array,
-                           max_log_scale: float = NOMINAL_MAX_LOG_SCALE) -> jax.Array:
+                           max_log_scale: float = NOMINAL_MAX_LOG_SCALE,
+                           residual_clip: float = NOMINAL_RESIDUAL_CLIP) -> jax.Array:
   """`(prodigy_update - clip(correction) * step) * exp(clip(log_scale))`: Prodigy's update
   plus a bounded correction in units of its step size, scaled by a bounded factor."""
-  d = jnp.clip(correction, -NOMINAL_RESIDUAL_CLIP, NOMINAL_RESIDUAL_CLIP)
+  d = jnp.clip(correction, -residual_clip, residual_clip)
   scale = jnp.exp(jnp.clip(log_scale, -max_log_scale, max_log_scale))
   return (prodigy_update - d * step) * scale

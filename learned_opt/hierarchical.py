@@ -27,7 +27,11 @@ nominal_prodigy_update`): `(prodigy - d * step) * exp(log_scale + exp_mult * s)`
 With `nominal="adam_hd"` it corrects Adam whose per-tensor learning rate adapts by
 hypergradient descent (`learned_opt.baselines.adam_hd`): as with "adam", times each
 tensor's `exp(log_lr)`, which the state carries; the LSTM also reads that log learning
-rate and the cosine that moved it. Untrained, it is `adam_hd(step_mult)`.
+rate and the cosine that moved it. Untrained, it is `adam_hd(step_mult)`. With
+`hypergradient_rate_max_log_scale > 0` the LSTM also sets each tensor's hypergradient
+rate (within e^+-that of `hypergradient_rate`), so the learned part can steer how fast
+learning rates adapt, not only scale the step; `nominal_max_log_scale` and
+`nominal_residual_clip` (0 turns the per-coordinate corrections off) bound the rest.
 
 The head also reads its input linearly (a skip connection), so per-tensor step scales
 that are linear in the statistics (e.g. plain SGD) are exactly representable.
@@ -46,6 +50,7 @@ from learned_opt import features as feats
 from learned_opt import fused as fused_lib
 from learned_opt.baselines import hypergradient as hd
 from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
+                              NOMINAL_RESIDUAL_CLIP,
                               LearnedOptimizer, adam_direction, adam_momentum_index,
                               cast_like, check_nominal, check_positive, magnitude_update,
                               nominal_adam_update,
@@ -119,6 +124,11 @@ class HierarchicalLOpt(LearnedOptimizer):
       `rate` and `max_log_lr` of `learned_opt.baselines.scale_by_adam_hd`.
     nominal_max_log_scale: with a nominal, the learned step factor stays within
       [e^-m, e^m] of the nominal's step (a trust region around a rule known to work).
+    nominal_residual_clip: with a nominal, the per-coordinate correction stays within
+      +-this, in units of Adam's direction; 0 leaves the direction Adam's.
+    hypergradient_rate_max_log_scale: with nominal="adam_hd" and > 0, the per-tensor
+      LSTM sets each tensor's hypergradient rate within e^+-this of
+      `hypergradient_rate` (one more head output); 0 keeps the rate fixed.
   """
 
   name: ClassVar[str] = "hierarchical"
@@ -141,10 +151,18 @@ class HierarchicalLOpt(LearnedOptimizer):
   nominal_max_log_scale: float = struct.field(pytree_node=False, default=NOMINAL_MAX_LOG_SCALE)
   hypergradient_rate: float = struct.field(pytree_node=False, default=hd.DEFAULT_RATE)
   hypergradient_max_log_lr: float = struct.field(pytree_node=False, default=hd.DEFAULT_MAX_LOG_LR)
+  nominal_residual_clip: float = struct.field(pytree_node=False, default=NOMINAL_RESIDUAL_CLIP)
+  hypergradient_rate_max_log_scale: float = struct.field(pytree_node=False, default=0.0)
 
   def __post_init__(self):
     check_nominal(self.nominal, self.features, self.fused)
-    check_positive("nominal_max_log_scale", self.nominal_max_log_scale)
+    check_positive("nominal_max_log_scale", self.nominal_max_log_scale, allow_zero=True)
+    check_positive("nominal_residual_clip", self.nominal_residual_clip, allow_zero=True)
+    check_positive("hypergradient_rate_max_log_scale", self.hypergradient_rate_max_log_scale,
+                   allow_zero=True)
+    if self.hypergradient_rate_max_log_scale and self.nominal != "adam_hd":
+      raise ValueError("hypergradient_rate_max_log_scale needs nominal='adam_hd', got "
+                       f"nominal={self.nominal!r}")
     check_positive("hypergradient_rate", self.hypergradient_rate, allow_zero=True)
     check_positive("hypergradient_max_log_lr", self.hypergradient_max_log_lr, allow_zero=True)
     if self.fused not in fused_lib.MODES:
@@ -177,6 +195,10 @@ class HierarchicalLOpt(LearnedOptimizer):
     return (len(spec.tensor_names()) + len(_TENSOR_STATS) + len(spec.global_names())
             + self.tensor_hidden + (2 if self.nominal == "adam_hd" else 0))
 
+  @property
+  def _learns_rate(self) -> int:
+    return int(self.hypergradient_rate_max_log_scale > 0)
+
   def init_meta_params(self, key):
     n_p, hid, k_mlps = len(self.spec.param_names()), self.per_param_hidden, self.num_mlps
     d_in = self._tensor_input_size()
@@ -184,7 +206,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     x = jnp.zeros((1, d_in))
     carry = self._cell.initialize_carry(k[0], x.shape)
     lstm = self._cell.init(k[0], carry, x)["params"]
-    n_out = k_mlps + 1  # mixing logits, log step scale
+    n_out = k_mlps + 1 + self._learns_rate  # mixing logits, log step scale[, log rate factor]
     # Small head: the bank starts uniformly mixed and the step scale near exp(0) = 1.
     theta = {
         "lstm": lstm,
@@ -218,10 +240,8 @@ class HierarchicalLOpt(LearnedOptimizer):
       k = adam_momentum_index(self.spec)
       cos = hd.cosines([sanitize(g) for g in jax.tree.leaves(grads)],
                        [m[k] for m in state.features.momenta])
-      hd_log_lr = hd.next_log_lr(state.nominal[0], cos, rate=self.hypergradient_rate,
-                                 max_log_lr=self.hypergradient_max_log_lr)
-      nominal_state, hd_inputs = (hd_log_lr,), [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None],
-                                                hd_log_lr[:, None]]
+      # The LSTM reads the rate before this step's move, which it may steer.
+      hd_inputs = [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None], state.nominal[0][:, None]]
     f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
                               value_fn=value_fn)
     leaves, treedef = jax.tree.flatten(params)
@@ -245,6 +265,14 @@ class HierarchicalLOpt(LearnedOptimizer):
     out = h @ head["w_h"] + x_in @ head["w_in"] + head["b"]   # [n, num_mlps + 1]
     mix = jax.nn.softmax(out[:, :self.num_mlps], axis=-1)      # [n, K]
     log_scale = jnp.clip(out[:, self.num_mlps], -MAX_LOG_SCALE, MAX_LOG_SCALE)
+    if self.nominal == "adam_hd":
+      rate = self.hypergradient_rate
+      if self._learns_rate:
+        r = self.hypergradient_rate_max_log_scale
+        rate = rate * jnp.exp(jnp.clip(out[:, self.num_mlps + 1], -r, r))
+      hd_log_lr = hd.next_log_lr(state.nominal[0], cos, rate=rate,
+                                 max_log_lr=self.hypergradient_max_log_lr)
+      nominal_state = (hd_log_lr,)
     bank = meta_params["bank"]
     # Mixing weights, not outputs: each coordinate then runs a single tiny MLP.
     w1 = jnp.einsum("nk,kfh->nfh", mix, bank["w1"])
@@ -275,7 +303,8 @@ class HierarchicalLOpt(LearnedOptimizer):
       if self.nominal == "adam":
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
                                 log_scale[i] + self.exp_mult * s, step_mult=self.step_mult,
-                                max_log_scale=self.nominal_max_log_scale)
+                                max_log_scale=self.nominal_max_log_scale,
+                                residual_clip=self.nominal_residual_clip)
       elif self.nominal == "adam_hd":
         # The learned factor stays within e^+-nominal_max_log_scale of the hypergradient
         # rate, and their product within the rate's own bound: a learned factor that
@@ -283,10 +312,12 @@ class HierarchicalLOpt(LearnedOptimizer):
         m, cap = self.nominal_max_log_scale, self.hypergradient_max_log_lr
         total = jnp.clip(hd_log_lr[i] + jnp.clip(log_scale[i] + self.exp_mult * s, -m, m), -cap, cap)
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d, total,
-                                step_mult=self.step_mult, max_log_scale=cap)
+                                step_mult=self.step_mult, max_log_scale=cap,
+                                residual_clip=self.nominal_residual_clip)
       elif self.nominal == "prodigy":
         u = nominal_prodigy_update(prodigy_updates[i], d, log_scale[i] + self.exp_mult * s,
-                                   step=prodigy_step, max_log_scale=self.nominal_max_log_scale)
+                                   step=prodigy_step, max_log_scale=self.nominal_max_log_scale,
+                                   residual_clip=self.nominal_residual_clip)
       else:
         u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:

@@ -164,3 +164,50 @@ def test_hierarchical_adam_hd_step_stays_within_the_rate_bound():
   u2, _ = lopt.update(dict(base, head=head), g, state, params, loss=loss)
   for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(u0)):
     np.testing.assert_allclose(a, 2.0 * b, rtol=1e-5)
+
+
+def test_learned_hypergradient_rate_is_a_bounded_head_output():
+  lopt = _hd_lopt(hypergradient_rate_max_log_scale=np.log(4.0), nominal_max_log_scale=0.5,
+                  nominal_residual_clip=0.0)
+  theta = _zero_outputs(lopt.init_meta_params(jax.random.key(0)))
+  assert theta["head"]["b"].shape == (lopt.num_mlps + 2,)   # + the log rate factor
+  params = _params(jax.random.key(1))
+  # Zero outputs: the rate is hypergradient_rate, i.e. adam_hd.
+  ours, ostate = _run(learned_opt.to_optax(lopt, theta, num_steps=20), params, steps=20)
+  ref, _ = _run(adam_hd(3e-3), params, steps=20)
+  _close(ours, ref, rtol=1e-5, atol=1e-7)
+  # A head bias of log 2 on the rate output is adam_hd at twice the rate.
+  head = dict(theta["head"], b=theta["head"]["b"].at[lopt.num_mlps + 1].set(np.log(2.0)))
+  ours, ostate = _run(learned_opt.to_optax(lopt, dict(theta, head=head), num_steps=20),
+                      params, steps=20)
+  ref, rstate = _run(adam_hd(3e-3, rate=0.1), params, steps=20)
+  _close(ours, ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ostate.inner.nominal[0], rstate[0].log_lr, rtol=1e-5, atol=1e-7)
+  # Saturated meta-parameters: the rate is at most 4x (|move| <= 0.2 per step), the
+  # direction stays Adam's (no residual) and the step factor within e^0.5.
+  wild = jax.tree.map(lambda x: x + 1e3, theta)
+  state = lopt.init(wild, params, num_steps=20)
+  adam_state = optax.scale_by_adam().init(params)
+  update, largest_move = jax.jit(lopt.update), 0.0
+  for _ in range(8):
+    loss, g = jax.value_and_grad(_loss)(params)
+    before = state.nominal[0]
+    u, state = update(wild, g, state, params, loss=loss)
+    adam_dir, adam_state = optax.scale_by_adam().update(g, adam_state)
+    moved = np.abs(np.asarray(state.nominal[0] - before))
+    assert np.all(moved <= 4 * 0.05 + 1e-6)
+    largest_move = max(largest_move, float(moved.max()))
+    for x, a, l in zip(jax.tree.leaves(u), jax.tree.leaves(adam_dir), state.nominal[0]):
+      ratio = np.asarray(-x / (3e-3 * np.exp(float(l)) * a))
+      assert np.all(ratio >= np.exp(-0.5) * 0.999) and np.all(ratio <= np.exp(0.5) * 1.001)
+    params = optax.apply_updates(params, u)
+  assert largest_move > 0.05 + 1e-3   # the rate did leave hypergradient_rate
+  assert update._cache_size() == 1
+
+
+def test_learned_rate_needs_the_adam_hd_nominal():
+  with pytest.raises(ValueError, match="hypergradient_rate_max_log_scale needs nominal='adam_hd'"):
+    HierarchicalLOpt(nominal="adam", features=("grad", "momentum", "adam"),
+                     hypergradient_rate_max_log_scale=0.5)
+  with pytest.raises(ValueError, match="nominal_residual_clip must be a number >= 0, got -1"):
+    _hd_lopt(nominal_residual_clip=-1.0)

@@ -149,8 +149,8 @@ def test_prodigy_nominal_scale_correction_bounds_and_jit():
   u4, _ = jax.jit(tight.update)(wild, g, state, params, loss=loss)
   for a, b in zip(jax.tree.leaves(u4), jax.tree.leaves(u0)):
     assert bool(jnp.all(jnp.abs(a) <= (jnp.abs(b) + 3.0 * step) * np.exp(0.5) * 1.001))
-  with pytest.raises(ValueError, match="nominal_max_log_scale must be a number > 0, got 0"):
-    _prodigy_lopt(nominal_max_log_scale=0)
+  with pytest.raises(ValueError, match="nominal_max_log_scale must be a number >= 0, got -1"):
+    _prodigy_lopt(nominal_max_log_scale=-1)
 
 
 def test_prodigy_nominal_checkpoint_round_trip(tmp_path):
