@@ -11,6 +11,7 @@ this machine's dense-matmul rate (measured here, same run). `x floor` = measured
 time / floor: how far the step is from running all its FLOPs at matmul speed.
 
 Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|transformer|all]
+       [--optimizers per_param_mlp,hierarchical,...]
 """
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ def transformer_problem():
 
 
 def optimizers():
+  shipped = lo.load(lo.pretrained_path("hierarchical_hd"))[0]   # the recommended one
   return {"adam": None, "per_param_mlp": lo.PerParamMLP(), "per_param_lstm": lo.PerParamLSTM(),
-          "hierarchical": lo.HierarchicalLOpt()}
+          "hierarchical": lo.HierarchicalLOpt(), "hierarchical_hd": shipped}
 
 
 def make_step(loss_fn, lopt):
@@ -103,13 +105,13 @@ def make_step(loss_fn, lopt):
   return tx, step
 
 
-def bench(name, problem, rate, rounds, iters):
+def bench(name, problem, rate, rounds, iters, opts):
   params, loss_fn, batch = problem()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   model_flops = grad_fn.lower(params, batch).compile().cost_analysis()["flops"]
   runs = {}
-  for opt_name, lopt in optimizers().items():
+  for opt_name, lopt in opts.items():
     tx, step = make_step(loss_fn, lopt)
     state = tx.init(params)
     p, state, _ = step(params, state, batch)  # compile
@@ -128,7 +130,7 @@ def bench(name, problem, rate, rounds, iters):
   print(f"\n{name}: {n_params / 1e6:.2f}M params, model fwd+bwd {model_flops / 1e9:.2f} GFLOP/step")
   print(f"{'optimizer':<16}{'ms/step':>9}{'x Adam':>8}{'net FLOP/param':>16}{'floor ms':>10}{'x floor':>9}")
   rows = []
-  for opt_name, lopt in optimizers().items():
+  for opt_name, lopt in opts.items():
     t = statistics.median(runs[opt_name][3])
     per_param = network_flops_per_param(lopt)
     floor = (model_flops + per_param * n_params) / rate
@@ -142,17 +144,26 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--model", choices=("mlp", "transformer", "all"), default="all")
+  parser.add_argument("--optimizers", default="all",
+                      help="comma-separated subset of: " + ",".join(optimizers()) + " (adam always runs)")
   parser.add_argument("--matmul-n", type=int, default=0, help="0: 1024 on CPU, 4096 on GPU")
   args = parser.parse_args()
   n = args.matmul_n or (1024 if jax.default_backend() == "cpu" else 4096)
+  opts = optimizers()
+  if args.optimizers != "all":
+    wanted = {"adam", *args.optimizers.split(",")}
+    unknown = wanted - set(opts)
+    if unknown:
+      parser.error(f"unknown optimizers {sorted(unknown)}; choose from {sorted(opts)}")
+    opts = {k: v for k, v in opts.items() if k in wanted}
   rate = matmul_rate(n)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"dense f32 matmul {n}^3: {rate / 1e9:.1f} GFLOP/s")
   if args.model in ("mlp", "all"):
-    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters)
+    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters, opts)
   if args.model in ("transformer", "all"):
     bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)", transformer_problem, rate,
-          args.rounds, args.iters)
+          args.rounds, args.iters, opts)
 
 
 if __name__ == "__main__":
