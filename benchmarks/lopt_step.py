@@ -1,6 +1,7 @@
 """Wall time of one training step with each learned optimizer vs optax Adam, and FLOP floors.
 
-One step = forward + backward + optimizer update, jitted, on a fixed batch. Models: a
+One step = forward + backward + optimizer update, jitted (params and optimizer state
+donated), on a fixed batch. Models: a
 ~1M-parameter MLP (784-1024-256-10, batch 128) and the project's small transformer LM
 (`TransformerLMFamily`, d=128, 2 layers, on synthetic text). All optimizers are timed
 in interleaved rounds in one run, so ratios compare like with like.
@@ -16,11 +17,13 @@ Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|tra
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 import learned_opt as lo
@@ -94,9 +97,11 @@ def make_step(loss_fn, lopt):
   if lopt is None:
     tx = optax.adam(1e-3)
   else:
-    tx = lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(0)))
+    tx = lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(0)), num_steps=1000)
 
-  @jax.jit
+  # Params and state are donated, as training loops do: without it XLA allocates fresh
+  # output buffers every step, and their page faults cost this CPU ~1 ms per step.
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, state = tx.update(grads, state, params, loss=loss)
@@ -114,7 +119,7 @@ def bench(name, problem, rate, rounds, iters, opts):
   for opt_name, lopt in opts.items():
     tx, step = make_step(loss_fn, lopt)
     state = tx.init(params)
-    p, state, _ = step(params, state, batch)  # compile
+    p, state, _ = step(jax.tree.map(jnp.copy, params), state, batch)  # compile
     jax.block_until_ready(p)
     runs[opt_name] = [step, p, state, []]
   for _ in range(rounds):  # interleaved: every optimizer sees the same machine load

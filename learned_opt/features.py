@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from learned_opt import _sums
 from learned_opt.base import horizon_array, sanitize
 
 try:  # optax exposes this only from its contrib/_muon module (no public alias in 0.2.x).
@@ -171,6 +172,8 @@ class Features(NamedTuple):
   per_param: list        # per leaf, a list of F channels [*shape] (float32), normalized per tensor
   per_tensor: jax.Array  # [n_leaves, F] log RMS of each raw channel
   global_: jax.Array     # [G]
+  raw: list = ()         # per leaf, the F channels before normalization
+  inv_rms: Any = None    # [n_leaves, F]: per_param[i][j] == raw[i][j] * inv_rms[i, j]
 
 
 def _is_matrix(shape) -> bool:
@@ -238,7 +241,7 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
       chans += list(m)
     elif f == "rms":
       squares[len(chans)] = v
-      chans.append(jnp.sqrt(v))
+      chans.append(v * jax.lax.rsqrt(v + TINY))  # sqrt(v); shares the adam channels' rsqrt
     elif f == "adam":
       inv = jax.lax.rsqrt(v + TINY)
       inv_sq = 1.0 / (v + TINY)
@@ -300,19 +303,8 @@ def _global_features(spec: FeatureSpec, state: FeatureState, loss):
 
 
 def _mean_squares(squares: list) -> jax.Array:
-  """[len(squares)] means, computed by ONE variadic reduction over all channels.
-
-  Separate `jnp.mean`s make XLA materialize every channel and read it once per
-  reduction; a single multi-operand `lax.reduce` reads the inputs once.
-  """
-  shape = squares[0].shape
-  if not shape:
-    return jnp.stack(squares)
-  zeros = tuple(jnp.zeros((), jnp.float32) for _ in squares)
-  sums = jax.lax.reduce(tuple(squares), zeros,
-                        lambda a, b: tuple(x + y for x, y in zip(a, b)),
-                        tuple(range(len(shape))))
-  return jnp.stack(sums) / math.prod(shape)
+  """[len(squares)] means, computed in ONE pass over all channels (`_sums.sums`)."""
+  return jnp.stack(_sums.sums(squares)) / math.prod(squares[0].shape)
 
 
 def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
@@ -363,13 +355,14 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   if "saferate" in spec.features:
     safe = _saferate_channels(spec, params, accs, value_fn)
     raws = [[safe[i] if x is None else x for x in raw] for i, raw in enumerate(raws)]
-  per_param, scales = [], []
+  per_param, scales, invs = [], [], []
   for raw, sq in zip(raws, squares):
     ms = _mean_squares([sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
                         for j, x in enumerate(raw)]) + TINY
     inv = jax.lax.rsqrt(ms)
     per_param.append([x * inv[j] for j, x in enumerate(raw)])
     scales.append(0.5 * jnp.log(ms))
+    invs.append(inv)
   glob, loss_ema, loss_first = _global_features(spec, state, loss)
   pick = lambda j, used: [a[j] for a in accs] if used else ()
   new_state = FeatureState(
@@ -377,7 +370,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
       momenta=pick(0, spec.needs_momenta), nu=pick(1, spec.needs_nu),
       rows=pick(2, "adafactor" in spec.features), cols=pick(3, "adafactor" in spec.features),
       loss_ema=loss_ema, loss_first=loss_first)
-  return Features(per_param, jnp.stack(scales), glob), new_state
+  return Features(per_param, jnp.stack(scales), glob, raws, jnp.stack(invs)), new_state
 
 
 def fan_in(shape) -> int:

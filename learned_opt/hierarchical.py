@@ -224,13 +224,14 @@ class HierarchicalLOpt(LearnedOptimizer):
   def init(self, meta_params, params, *, num_steps=None):
     del meta_params
     n = len(jax.tree.leaves(params))
-    zeros = jnp.zeros((n, self.tensor_hidden), jnp.float32)
+    # Separate buffers: a state that aliases one array twice cannot be donated to jit.
+    zeros = lambda: jnp.zeros((n, self.tensor_hidden), jnp.float32)
     nominal = ()
     if self.nominal == "prodigy":
       nominal = (prodigy_nominal().init(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)),)
     elif self.nominal == "adam_hd":
       nominal = (jnp.zeros((n,), jnp.float32),)
-    return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros, zeros,
+    return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros(), zeros(),
                              jnp.zeros((self.tensor_hidden,), jnp.float32), nominal)
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
@@ -298,8 +299,11 @@ class HierarchicalLOpt(LearnedOptimizer):
                       for p in p32] if self.mup else None)
       return cast_like(jax.tree.unflatten(treedef, updates), params), new_state
     updates = []
-    for i, (chans, p) in enumerate(zip(f.per_param, p32)):
-      d, s = _tiny_mlp(chans, w1[i], b1[i], w2[i], b2[i])
+    # The raw channels with each tensor's normalizer folded into the first layer's
+    # weights: F fewer multiplies per coordinate than normalizing the channels first.
+    w1_raw = w1 * f.inv_rms[:, :, None]
+    for i, (chans, p) in enumerate(zip(f.raw, p32)):
+      d, s = _tiny_mlp(chans, w1_raw[i], b1[i], w2[i], b2[i])
       if self.nominal == "adam":
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
                                 log_scale[i] + self.exp_mult * s, step_mult=self.step_mult,

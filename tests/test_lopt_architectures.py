@@ -143,3 +143,29 @@ def test_config_validation_names_bad_value():
     theta = opt.init_meta_params(jax.random.key(0))
     p = {"w": jnp.ones(2)}
     opt.update(theta, p, opt.init(theta, p), p)
+
+
+def test_params_and_state_can_be_donated(lopt):
+  """Training loops donate params and optimizer state to jit (no fresh buffers per step);
+  a state holding one buffer twice makes that fail ("donate the same buffer twice")."""
+  params, loss_fn = _problem()
+  tx = lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(3)), num_steps=50)
+  state = tx.init(params)
+  leaves = jax.tree.leaves(state)
+  buffers = [x.unsafe_buffer_pointer() for x in leaves if isinstance(x, jax.Array) and x.size]
+  assert len(buffers) == len(set(buffers)), "the optimizer state aliases a buffer"
+
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params, loss=loss)
+    return optax.apply_updates(params, updates), state, loss
+
+  donated = jax.jit(step, donate_argnums=(0, 1))
+  reference = jax.jit(step)
+  p_ref, s_ref = params, tx.init(params)
+  p, s = jax.tree.map(jnp.copy, params), state
+  for _ in range(3):
+    p_ref, s_ref, loss_ref = reference(p_ref, s_ref)
+    p, s, loss = donated(p, s)
+    assert float(loss) == float(loss_ref)
+  jax.tree.map(np.testing.assert_array_equal, p, p_ref)

@@ -135,3 +135,14 @@ def test_saferate_channel_carries_the_certified_step():
   log_eta = (f.per_tensor[:, names.index("log_rms/saferate")]
              - f.per_tensor[:, names.index("log_rms/adam@0.9")])
   np.testing.assert_allclose(log_eta, jnp.log(eta) * jnp.ones(2), rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (4096,), (3, 3, 16, 32), (784, 1024), (33, 65), (5, 64)])
+def test_sums_match_numpy_in_one_pass(shape):
+  from learned_opt import _sums
+  xs = [jax.random.normal(jax.random.key(i), shape) for i in range(3)]
+  got = jax.jit(_sums.sums)(xs)
+  for x, s in zip(xs, got):
+    assert s.shape == ()
+    np.testing.assert_allclose(float(s), float(np.sum(np.asarray(x, np.float64))), rtol=1e-5, atol=1e-3)
+  assert _sums.sums([]) == []

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt import _sums
 from learned_opt.base import check_positive
 
 DEFAULT_RATE = 0.05
@@ -40,8 +41,8 @@ def cosines(grads: Sequence[jax.Array], previous_momenta: Sequence[jax.Array]) -
   out = []
   for g, m in zip(grads, previous_momenta):
     g, m = jnp.asarray(g, jnp.float32), jnp.asarray(m, jnp.float32)
-    norms = jnp.sqrt(jnp.sum(jnp.square(g)) * jnp.sum(jnp.square(m)))
-    out.append(jnp.sum(g * m) / (norms + _TINY))
+    gg, mm, gm = _sums.sums((g * g, m * m, g * m))
+    out.append(gm / (jnp.sqrt(gg * mm) + _TINY))
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
 
 
