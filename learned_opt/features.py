@@ -174,6 +174,7 @@ class Features(NamedTuple):
   global_: jax.Array     # [G]
   raw: list = ()         # per leaf, the F channels before normalization
   inv_rms: Any = None    # [n_leaves, F]: per_param[i][j] == raw[i][j] * inv_rms[i, j]
+  cosine: Any = None     # [n_leaves] with `compute(..., cosine_momentum=k)`, else None
 
 
 def _is_matrix(shape) -> bool:
@@ -323,7 +324,8 @@ def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
 
 def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
             loss: Optional[jax.Array] = None,
-            value_fn: Optional[Callable] = None) -> tuple[Features, FeatureState]:
+            value_fn: Optional[Callable] = None,
+            cosine_momentum: Optional[int] = None) -> tuple[Features, FeatureState]:
   """Features for one optimizer step and the advanced accumulators.
 
   Args:
@@ -333,6 +335,10 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
     state: accumulators from `init_state` or a previous call.
     loss: scalar training loss at `params`; required by the "loss" feature.
     value_fn: params -> scalar loss; required by the "saferate" feature.
+    cosine_momentum: if given, `Features.cosine` holds, per tensor, the cosine between
+      the gradient and the momentum of that index from BEFORE this step (the signal of
+      hypergradient descent, `learned_opt.baselines.hypergradient.cosines`), computed in
+      the same pass over memory as the normalizers.
 
   Returns:
     `(Features, new_state)`; `Features.per_param[i]` belongs to `jax.tree.leaves(params)[i]`.
@@ -355,10 +361,23 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   if "saferate" in spec.features:
     safe = _saferate_channels(spec, params, accs, value_fn)
     raws = [[safe[i] if x is None else x for x in raw] for i, raw in enumerate(raws)]
-  per_param, scales, invs = [], [], []
-  for raw, sq in zip(raws, squares):
-    ms = _mean_squares([sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
-                        for j, x in enumerate(raw)]) + TINY
+  if cosine_momentum is not None and not spec.needs_momenta:
+    raise ValueError(f"cosine_momentum={cosine_momentum} needs momenta; features are "
+                     f"{spec.features}")
+  per_param, scales, invs, cosines = [], [], [], []
+  for i, (raw, sq) in enumerate(zip(raws, squares)):
+    sq = [sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
+          for j, x in enumerate(raw)]
+    if cosine_momentum is not None:
+      g, m_old = g_leaves[i], m[i][cosine_momentum]
+      sq += [g * g, m_old * m_old, g * m_old]
+    ms = _mean_squares(sq)
+    if cosine_momentum is not None:
+      size = math.prod(jnp.shape(raw[0]))  # sums, as in hypergradient.cosines
+      gg, mm, gm = ms[-3] * size, ms[-2] * size, ms[-1] * size
+      cosines.append(gm / (jnp.sqrt(gg * mm) + TINY))
+      ms = ms[:-3]
+    ms = ms + TINY
     inv = jax.lax.rsqrt(ms)
     per_param.append([x * inv[j] for j, x in enumerate(raw)])
     scales.append(0.5 * jnp.log(ms))
@@ -370,7 +389,8 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
       momenta=pick(0, spec.needs_momenta), nu=pick(1, spec.needs_nu),
       rows=pick(2, "adafactor" in spec.features), cols=pick(3, "adafactor" in spec.features),
       loss_ema=loss_ema, loss_first=loss_first)
-  return Features(per_param, jnp.stack(scales), glob, raws, jnp.stack(invs)), new_state
+  return Features(per_param, jnp.stack(scales), glob, raws, jnp.stack(invs),
+                  jnp.stack(cosines) if cosines else None), new_state
 
 
 def fan_in(shape) -> int:

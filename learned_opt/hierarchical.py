@@ -237,14 +237,15 @@ class HierarchicalLOpt(LearnedOptimizer):
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
     del key
     nominal_state, hd_inputs, hd_log_lr = state.nominal, [], None
-    if self.nominal == "adam_hd":  # the cosine uses the momentum from before this step
-      k = adam_momentum_index(self.spec)
-      cos = hd.cosines([sanitize(g) for g in jax.tree.leaves(grads)],
-                       [m[k] for m in state.features.momenta])
+    # adam_hd's cosine (gradient vs Adam's momentum from before this step) comes from the
+    # features' pass over memory.
+    f, fstate = feats.compute(
+        self.spec, grads, params, state.features, loss=loss, value_fn=value_fn,
+        cosine_momentum=adam_momentum_index(self.spec) if self.nominal == "adam_hd" else None)
+    if self.nominal == "adam_hd":
+      cos = f.cosine
       # The LSTM reads the rate before this step's move, which it may steer.
       hd_inputs = [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None], state.nominal[0][:, None]]
-    f, fstate = feats.compute(self.spec, grads, params, state.features, loss=loss,
-                              value_fn=value_fn)
     leaves, treedef = jax.tree.flatten(params)
     n = len(leaves)
     p32 = [jnp.asarray(p, jnp.float32) for p in leaves]
