@@ -78,6 +78,7 @@ def test_oscillation_shrinks_the_rate_within_its_bound():
   assert abs(float(params["x"][0])) < 1e-2
 
 
+@pytest.mark.slow
 def test_needs_no_learning_rate_on_an_ill_conditioned_quadratic():
   h = jnp.logspace(-3, 0, 20)
   quad = lambda p: 0.5 * jnp.sum(h * p["x"] ** 2)
@@ -117,6 +118,7 @@ def _zero_outputs(theta):
   return dict(theta, head=jax.tree.map(jnp.zeros_like, theta["head"]), bank=bank)
 
 
+@pytest.mark.slow
 def test_untrained_hierarchical_is_adam_hd_and_does_not_recompile():
   lopt = _hd_lopt()
   theta = _zero_outputs(lopt.init_meta_params(jax.random.key(0)))
@@ -166,6 +168,7 @@ def test_hierarchical_adam_hd_step_stays_within_the_rate_bound():
     np.testing.assert_allclose(a, 2.0 * b, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learned_hypergradient_rate_is_a_bounded_head_output():
   lopt = _hd_lopt(hypergradient_rate_max_log_scale=np.log(4.0), nominal_max_log_scale=0.5,
                   nominal_residual_clip=0.0)

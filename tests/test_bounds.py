@@ -293,6 +293,7 @@ def test_mlp_every_activation_through_a_traced_switch():
     assert np.isfinite(float(b.remainder.hi))
 
 
+@pytest.mark.slow
 def test_lstm_scan_random_directions():
   params, loss = _model_case("lstm", 0)
   for seed in range(2):
@@ -300,6 +301,7 @@ def test_lstm_scan_random_directions():
     assert np.isfinite(float(b.remainder.hi))
 
 
+@pytest.mark.slow
 def test_layernorm_attention_function():
   """LayerNorm (mean, var, rsqrt), softmax attention with a causal mask and GELU, in jnp."""
   def ln(x):
@@ -345,6 +347,7 @@ def test_small_flax_networks_random_directions(kind):
       assert np.isfinite(float(b.remainder.hi))
 
 
+@pytest.mark.slow
 def test_float32_within_rounding_tolerance():
   """Float32 bounds vs the float64 truth. The enclosure is exact in real arithmetic; the
   float32 evaluation of value, slope and remainder each carry rounding of a few ulps of

@@ -39,6 +39,7 @@ def _check_results(eval_dir: pathlib.Path, learned: str) -> dict:
   return results
 
 
+@pytest.mark.slow
 def test_suite_is_offline_held_out_and_builds_without_data_files():
   suite = registry.SUITES[SUITE]
   assert 4 <= len(suite) <= 6
@@ -54,6 +55,7 @@ def test_suite_is_offline_held_out_and_builds_without_data_files():
     assert np.isfinite(float(loss)) and 0 < float(gnorm) < np.inf, (name, loss, gnorm)
 
 
+@pytest.mark.slow
 def test_quickstart_path_reduced(tmp_path, monkeypatch, capsys):
   run = tmp_path / "quickstart"
   # Cheapest meta-training that still runs the whole path (PES, export).

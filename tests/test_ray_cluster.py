@@ -34,6 +34,7 @@ def cluster():
   c.shutdown()
 
 
+@pytest.mark.slow
 def test_run_survives_a_removed_node_and_keeps_learning(cluster, tmp_path, caplog):
   cfg = config_lib.load_config(None, QUICK)
   lopt = config_lib.build_lopt(cfg.lopt)

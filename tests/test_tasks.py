@@ -12,6 +12,12 @@ ADAM_LR = {"quadratic": 0.05, "logreg": 1e-2, "mlp": 3e-3, "conv": 1e-2, "lstm":
 OFFLINE = list(tasks.META_TRAIN_FAMILIES)
 ON_SHARED_DATA = ["mlp_mnist", "logreg_mnist", "conv_mnist", "lstm_tiny_shakespeare",
                   "transformer_tiny_shakespeare"]
+# Conv, LSTM and transformer families take 14-31 s each here: CI's second pass runs them.
+_SLOW = ("conv", "lstm", "transformer")
+
+
+def _marked(names):
+  return [pytest.param(n, marks=pytest.mark.slow) if n.startswith(_SLOW) else n for n in names]
 
 
 def _family(name):
@@ -23,7 +29,7 @@ def _family(name):
   return tasks.get_family(name, str(data_dir))
 
 
-@pytest.mark.parametrize("name", OFFLINE + ON_SHARED_DATA)
+@pytest.mark.parametrize("name", _marked(OFFLINE + ON_SHARED_DATA))
 def test_adam_lowers_loss_by_30_percent_in_200_steps(name):
   task = _family(name).task()
   lr = ADAM_LR[name.split("_")[0]]
@@ -36,7 +42,7 @@ def test_adam_lowers_loss_by_30_percent_in_200_steps(name):
   assert after <= 0.7 * before, f"{name}: full-batch loss {before:.4f} -> {after:.4f}"
 
 
-@pytest.mark.parametrize("name", OFFLINE)
+@pytest.mark.parametrize("name", _marked(OFFLINE))
 def test_vmapped_step_over_8_sampled_configs_compiles_once(name):
   family = tasks.get_family(name)
   cfgs = jax.vmap(family.sample)(jax.random.split(jax.random.key(1), 8))
