@@ -7,10 +7,14 @@ For each population size (tasks; each runs an antithetic pair) and population la
     instead of the learned optimizer, same tasks and layout);
   - the FLOP-bound rate: this machine's dense f32 matmul FLOP/s (measured in this run)
     divided by the FLOPs of one inner step (model loss+grad and optimizer update, from
-    XLA's cost analysis), and the measured rate as a percentage of it.
+    XLA's cost analysis), and the measured rate as a percentage of it;
+  - the same percentage for the estimate with a learned step size in place of the
+    learned optimizer, against the model's FLOPs alone: how close the model's own
+    matmuls come to the dense rate, i.e. the ceiling for any optimizer on this device.
 
 Usage: python benchmarks/meta_train.py [--family mlp_synthetic] [--populations 8 16 32 64]
          [--layouts vmap map map2] [--unroll 10] [--repeats 2] [--json OUT]
+         [--lopt per_param_mlp|hierarchical] [--hidden 32 32]
 """
 from __future__ import annotations
 
@@ -92,11 +96,16 @@ def main() -> None:
   parser.add_argument("--unroll", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--hidden", type=int, nargs="+", default=[32, 32], help="PerParamMLP hidden sizes")
+  parser.add_argument("--lopt", choices=("per_param_mlp", "hierarchical"), default="per_param_mlp",
+                      help="the learned optimizer meta-trained (hierarchical: HierarchicalLOpt's defaults)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
 
   family = tasks.get_family(args.family)
-  lopt = learned_opt.PerParamMLP(hidden_sizes=tuple(args.hidden))
+  if args.lopt == "hierarchical":
+    lopt = learned_opt.HierarchicalLOpt()
+  else:
+    lopt = learned_opt.PerParamMLP(hidden_sizes=tuple(args.hidden))
   theta = lopt.init_meta_params(jax.random.key(0))
   step_size = learned_opt.LearnedLR(init_lr=0.01)
   step_theta = step_size.init_meta_params(jax.random.key(0))
@@ -106,10 +115,12 @@ def main() -> None:
   params = sum(x.size for x in jax.tree.leaves(family.task().init(jax.random.key(0))))
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); auto layout: "
         f"{unroll.resolve_population_map('auto')}")
-  print(f"family {args.family} ({params} params), PerParamMLP{tuple(args.hidden)}, unroll {args.unroll}")
+  name = "HierarchicalLOpt()" if args.lopt == "hierarchical" else f"PerParamMLP{tuple(args.hidden)}"
+  print(f"family {args.family} ({params} params), {name}, unroll {args.unroll}")
   print(f"dense matmul: {peak / 1e9:.1f} GFLOP/s; per inner step: model {model_flops / 1e6:.1f} MFLOP + "
         f"optimizer {opt_flops / 1e6:.1f} MFLOP -> FLOP-bound rate {bound:.0f} inner steps/s")
-  print(f"{'tasks':>5} {'layout':>6} {'steps/s':>9} {'lopt share':>10} {'% of bound':>10}")
+  print(f"{'tasks':>5} {'layout':>6} {'steps/s':>9} {'lopt share':>10} {'% of bound':>10} "
+        f"{'step-size % of model bound':>27}")
   rows = []
   for n in args.populations:
     for layout in args.layouts:
@@ -119,7 +130,11 @@ def main() -> None:
       rate, share = inner / t, max(0.0, 1.0 - t_sgd / t)
       rows.append({"tasks": n, "layout": layout, "inner_steps_per_s": rate, "lopt_share": share,
                    "fraction_of_flop_bound": rate / bound, "step_size_steps_per_s": inner / t_sgd})
-      print(f"{n:>5} {layout:>6} {rate:>9.0f} {share:>10.0%} {rate / bound:>10.1%}", flush=True)
+      # The same estimate with a learned step size (no optimizer network) against the
+      # model's FLOPs alone: the ceiling the model's own small matmuls set on this device.
+      ceiling = inner / t_sgd * model_flops / peak
+      print(f"{n:>5} {layout:>6} {rate:>9.0f} {share:>10.0%} {rate / bound:>10.1%} {ceiling:>27.1%}",
+            flush=True)
   peak_after = matmul_flops_per_s()
   if peak_after > peak:
     print(f"dense matmul measured again after the runs: {peak_after / 1e9:.1f} GFLOP/s; fractions "
