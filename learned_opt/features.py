@@ -174,7 +174,7 @@ class Features(NamedTuple):
   global_: jax.Array     # [G]
   raw: list = ()         # per leaf, the F channels before normalization
   inv_rms: Any = None    # [n_leaves, F]: per_param[i][j] == raw[i][j] * inv_rms[i, j]
-  cosine: Any = None     # [n_leaves] with `compute(..., cosine_momentum=k)`, else None
+  momentum_sums: Any = None  # [n_leaves, 3] sums of g^2, m^2, g m (`cosine_momentum`)
 
 
 def _is_matrix(shape) -> bool:
@@ -335,10 +335,10 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
     state: accumulators from `init_state` or a previous call.
     loss: scalar training loss at `params`; required by the "loss" feature.
     value_fn: params -> scalar loss; required by the "saferate" feature.
-    cosine_momentum: if given, `Features.cosine` holds, per tensor, the cosine between
-      the gradient and the momentum of that index from BEFORE this step (the signal of
-      hypergradient descent, `learned_opt.baselines.hypergradient.cosines`), computed in
-      the same pass over memory as the normalizers.
+    cosine_momentum: if given, `Features.momentum_sums` holds, per tensor, the sums of
+      g^2, m^2 and g m, with m the momentum of that index from BEFORE this step (what the
+      hypergradient cosine, `learned_opt.baselines.hypergradient.cosine_from_sums`,
+      needs), computed in the same pass over memory as the normalizers.
 
   Returns:
     `(Features, new_state)`; `Features.per_param[i]` belongs to `jax.tree.leaves(params)[i]`.
@@ -364,7 +364,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   if cosine_momentum is not None and not spec.needs_momenta:
     raise ValueError(f"cosine_momentum={cosine_momentum} needs momenta; features are "
                      f"{spec.features}")
-  per_param, scales, invs, cosines = [], [], [], []
+  per_param, scales, invs, momentum_sums = [], [], [], []
   for i, (raw, sq) in enumerate(zip(raws, squares)):
     sq = [sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
           for j, x in enumerate(raw)]
@@ -373,9 +373,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
       sq += [g * g, m_old * m_old, g * m_old]
     ms = _mean_squares(sq)
     if cosine_momentum is not None:
-      size = math.prod(jnp.shape(raw[0]))  # sums, as in hypergradient.cosines
-      gg, mm, gm = ms[-3] * size, ms[-2] * size, ms[-1] * size
-      cosines.append(gm / (jnp.sqrt(gg * mm) + TINY))
+      momentum_sums.append(ms[-3:] * math.prod(jnp.shape(raw[0])))
       ms = ms[:-3]
     ms = ms + TINY
     inv = jax.lax.rsqrt(ms)
@@ -390,7 +388,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
       rows=pick(2, "adafactor" in spec.features), cols=pick(3, "adafactor" in spec.features),
       loss_ema=loss_ema, loss_first=loss_first)
   return Features(per_param, jnp.stack(scales), glob, raws, jnp.stack(invs),
-                  jnp.stack(cosines) if cosines else None), new_state
+                  jnp.stack(momentum_sums) if momentum_sums else None), new_state
 
 
 def fan_in(shape) -> int:

@@ -243,7 +243,7 @@ class HierarchicalLOpt(LearnedOptimizer):
         self.spec, grads, params, state.features, loss=loss, value_fn=value_fn,
         cosine_momentum=adam_momentum_index(self.spec) if self.nominal == "adam_hd" else None)
     if self.nominal == "adam_hd":
-      cos = f.cosine
+      cos = hd.cosine_from_sums(*f.momentum_sums.T)
       # The LSTM reads the rate before this step's move, which it may steer.
       hd_inputs = [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None], state.nominal[0][:, None]]
     leaves, treedef = jax.tree.flatten(params)

@@ -41,9 +41,13 @@ def cosines(grads: Sequence[jax.Array], previous_momenta: Sequence[jax.Array]) -
   out = []
   for g, m in zip(grads, previous_momenta):
     g, m = jnp.asarray(g, jnp.float32), jnp.asarray(m, jnp.float32)
-    gg, mm, gm = _sums.sums((g * g, m * m, g * m))
-    out.append(gm / (jnp.sqrt(gg * mm) + _TINY))
+    out.append(cosine_from_sums(*_sums.sums((g * g, m * m, g * m))))
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.float32)
+
+
+def cosine_from_sums(gg: jax.Array, mm: jax.Array, gm: jax.Array) -> jax.Array:
+  """The cosine from sum(g^2), sum(m^2) and sum(g m); 0 where either norm is 0."""
+  return gm / (jnp.sqrt(gg * mm) + _TINY)
 
 
 def next_log_lr(log_lr: jax.Array, cos: jax.Array, *, rate: float, max_log_lr: float) -> jax.Array:
