@@ -11,8 +11,12 @@ the gradient computation, + the optimizer network's FLOPs per parameter * #param
 this machine's dense-matmul rate (measured here, same run). `x floor` = measured step
 time / floor: how far the step is from running all its FLOPs at matmul speed.
 
+Every step is compiled with `learned_opt.compiler_options()` (on CPU: XLA's YNNPACK dot
+fusion, which runs the per-coordinate networks as one kernel), as lopt's own loops are;
+`--xla-defaults` compiles with XLA's defaults instead, for comparison.
+
 Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|transformer|all]
-       [--optimizers per_param_mlp,hierarchical,...]
+       [--optimizers per_param_mlp,hierarchical,...] [--xla-defaults]
 """
 from __future__ import annotations
 
@@ -93,7 +97,7 @@ def optimizers():
           "hierarchical": lo.HierarchicalLOpt(), "hierarchical_hd": shipped}
 
 
-def make_step(loss_fn, lopt):
+def make_step(loss_fn, lopt, options):
   if lopt is None:
     tx = optax.adam(1e-3)
   else:
@@ -101,7 +105,7 @@ def make_step(loss_fn, lopt):
 
   # Params and state are donated, as training loops do: without it XLA allocates fresh
   # output buffers every step, and their page faults cost this CPU ~1 ms per step.
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=options or None)
   def step(params, state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, state = tx.update(grads, state, params, loss=loss)
@@ -110,14 +114,14 @@ def make_step(loss_fn, lopt):
   return tx, step
 
 
-def bench(name, problem, rate, rounds, iters, opts):
+def bench(name, problem, rate, rounds, iters, opts, options):
   params, loss_fn, batch = problem()
   n_params = sum(x.size for x in jax.tree.leaves(params))
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   model_flops = grad_fn.lower(params, batch).compile().cost_analysis()["flops"]
   runs = {}
   for opt_name, lopt in opts.items():
-    tx, step = make_step(loss_fn, lopt)
+    tx, step = make_step(loss_fn, lopt, options)
     state = tx.init(params)
     p, state, _ = step(jax.tree.map(jnp.copy, params), state, batch)  # compile
     jax.block_until_ready(p)
@@ -157,6 +161,8 @@ def main():
   parser.add_argument("--optimizers", default="all",
                       help="comma-separated subset of: " + ",".join(optimizers()) + " (adam always runs)")
   parser.add_argument("--matmul-n", type=int, default=0, help="0: 1024 on CPU, 4096 on GPU")
+  parser.add_argument("--xla-defaults", action="store_true",
+                      help="compile without learned_opt.compiler_options()")
   args = parser.parse_args()
   n = args.matmul_n or (1024 if jax.default_backend() == "cpu" else 4096)
   opts = optimizers()
@@ -169,11 +175,14 @@ def main():
   rate = matmul_rate(n)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}); "
         f"dense f32 matmul {n}^3: {rate / 1e9:.1f} GFLOP/s")
+  options = {} if args.xla_defaults else lo.compiler_options()
+  print(f"compiler options: {options or 'XLA defaults'}")
   if args.model in ("mlp", "all"):
-    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters, opts)
+    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters, opts,
+          options)
   if args.model in ("transformer", "all"):
     bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)", transformer_problem, rate,
-          args.rounds, args.iters, opts)
+          args.rounds, args.iters, opts, options)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def _map_source_checkout():
 _map_source_checkout()
 
 from learned_opt.base import LearnedLR, LearnedOptimizer
+from learned_opt.compile import compiler_options
 from learned_opt.checkpoint import (CheckpointError, list_pretrained, load, load_pretrained,
                                     pretrained_path, read_header, save)
 from learned_opt.features import FeatureSpec

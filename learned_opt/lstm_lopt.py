@@ -116,13 +116,17 @@ class PerParamLSTM(LearnedOptimizer):
     out_bias = f.per_tensor @ head["w_tensor"] + glob @ head["w_global"] + head["b"]
     leaves, treedef = jax.tree.flatten(params)
     hs, cs, out = [], [], []
-    for i, (chans, p, h, c) in enumerate(zip(f.per_param, leaves, state.h, state.c)):
-      x = jnp.stack(chans, axis=-1)  # [*shape, F]
-      z = x @ cell["w_param"] + h @ cell["w_h"] + gate_bias[i]
+    for i, (p, h, c) in enumerate(zip(leaves, state.h, state.c)):
+      # [N, F] and [N, H], flattened: see `PerParamMLP.update`.
+      x = feats.stack_raw(f, i)
+      inv = f.inv_rms[i][:, None]  # the per-tensor normalizers, folded into the weights
+      h, c = h.reshape(x.shape[0], -1), c.reshape(x.shape[0], -1)
+      z = x @ (inv * cell["w_param"]) + h @ cell["w_h"] + gate_bias[i]
       zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
       c = jax.nn.sigmoid(zf) * c + jax.nn.sigmoid(zi) * jnp.tanh(zg)
       h = jax.nn.sigmoid(zo) * jnp.tanh(c)
-      o = h @ head["w_h"] + x @ head["w_param"] + out_bias[i]
+      o = (h @ head["w_h"] + x @ (inv * head["w_param"]) + out_bias[i]).reshape(jnp.shape(p) + (2,))
+      h, c = h.reshape(jnp.shape(p) + (-1,)), c.reshape(jnp.shape(p) + (-1,))
       u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult, step_mult=self.step_mult)
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * jnp.asarray(p, jnp.float32)

@@ -145,12 +145,12 @@ class PerParamMLP(LearnedOptimizer):
                       for p in leaves] if self.mup else None)
       return cast_like(jax.tree.unflatten(treedef, out), params), PerParamMLPState(fstate)
     out = []
-    for i, (chans, p) in enumerate(zip(f.per_param, leaves)):
-      x = jnp.stack(chans, axis=-1)  # [*shape, F]: one matmul per layer
-      h = jax.nn.relu(x @ theta["w_param"] + bias[i])
+    for i, p in enumerate(leaves):
+      x = feats.stack_raw(f, i)  # [N, F]; the normalizers fold into the first layer
+      h = jax.nn.relu(x @ (f.inv_rms[i][:, None] * theta["w_param"]) + bias[i])
       for layer in theta["hidden"]:
         h = jax.nn.relu(h @ layer["w"] + layer["b"])
-      o = h @ theta["out"]["w"] + theta["out"]["b"]
+      o = (h @ theta["out"]["w"] + theta["out"]["b"]).reshape(jnp.shape(p) + (2,))
       if self.nominal == "adam":
         u = nominal_adam_update(adam_direction(self.spec, fstate, i), o[..., 0],
                                 self.exp_mult * o[..., 1], step_mult=self.step_mult)

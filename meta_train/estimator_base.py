@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from learned_opt import compile as lopt_compile
 from learned_opt.meta_train import unroll
 from learned_opt.meta_train.truncation import TruncationSchedule
 from learned_opt.tasks.base import TaskFamily
@@ -222,11 +223,11 @@ class GradientEstimator(struct.PyTreeNode, abc.ABC):
                         num_pairs=jnp.asarray(n, jnp.int32), counts=counts)
 
 
-@jax.jit
+@lopt_compile.jit
 def _jit_init(est, key, meta_params, indices):
   return est._init(key, meta_params, indices)
 
 
-@jax.jit
+@lopt_compile.jit
 def _jit_estimate(est, key, meta_params, state):
   return est._estimate(key, meta_params, state)

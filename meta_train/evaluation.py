@@ -11,7 +11,6 @@ evaluation resumes) and summarizes against tuned Adam with `eval_metrics.summari
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import json
 import multiprocessing
 import os
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from learned_opt import compile as lopt_compile
 from learned_opt.meta_train import eval_metrics as M
 from learned_opt.meta_train import eval_optimizers
 from learned_opt.meta_train.eval_suites import get_suite
@@ -40,7 +40,7 @@ _EVAL_KEY = 2**31 - 1  # seed of the evaluation batches: the same for every opti
 TRACE_COUNT = [0]
 
 
-@functools.partial(jax.jit, static_argnames=("make", "num_steps", "full_batch"))
+@lopt_compile.jit(static_argnames=("make", "num_steps", "full_batch"))
 def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_steps: int,
              full_batch: bool):
   """Trains `task` with `make(h, aux, num_steps)` for every h in `hparams` and every key.

@@ -1,13 +1,13 @@
 """Train one task with any optax optimizer: one jitted `lax.scan` over the steps."""
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt import compile as lopt_compile
 from learned_opt.tasks.base import Params, Task
 
 
@@ -65,7 +65,7 @@ def scan_steps(task: Task, optimizer: optax.GradientTransformation, params: Para
   return params, losses
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@lopt_compile.jit(static_argnums=(1, 2, 3))
 def _train(task, optimizer, num_steps, full_batch, key):
   k_init, k_data = jax.random.split(key)
   params, losses = scan_steps(task, optimizer, task.init(k_init),

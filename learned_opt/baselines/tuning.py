@@ -10,7 +10,6 @@ learning rate alone.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from learned_opt import compile as lopt_compile
 from learned_opt.tasks.base import Task
 from learned_opt.tasks.training import scan_steps
 
@@ -55,7 +55,7 @@ class TuningResult(NamedTuple):
 TRACE_COUNT = [0]
 
 
-@functools.partial(jax.jit, static_argnames=("make_optimizer", "num_steps", "full_batch"))
+@lopt_compile.jit(static_argnames=("make_optimizer", "num_steps", "full_batch"))
 def _train_grid(task: Task, lrs: jax.Array, key: jax.Array, *, make_optimizer: MakeOptimizer,
                 num_steps: int, full_batch: bool) -> jax.Array:
   """[G, num_steps] training losses; the loop (and its key splits) of `tasks.train`."""
