@@ -16,12 +16,13 @@ fusion, which runs the per-coordinate networks as one kernel), as lopt's own loo
 `--xla-defaults` compiles with XLA's defaults instead, for comparison.
 
 Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|transformer|all]
-       [--optimizers per_param_mlp,hierarchical,...] [--xla-defaults]
+       [--optimizers per_param_mlp,hierarchical,...] [--xla-defaults] [--json OUT]
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 import time
 
@@ -149,8 +150,9 @@ def bench(name, problem, rate, rounds, iters, opts, options):
     per_param = network_flops_per_param(lopt)
     floor = (model_flops + per_param * n_params) / rate
     print(f"{opt_name:<16}{1e3 * t:>9.2f}{t / adam:>8.2f}{per_param:>16d}{1e3 * floor:>10.2f}{t / floor:>9.2f}")
-    rows.append((opt_name, t, t / adam, floor, t / floor))
-  return rows
+    rows.append({"optimizer": opt_name, "ms_per_step": 1e3 * t, "x_adam": t / adam,
+                 "net_flop_per_param": per_param, "floor_ms": 1e3 * floor, "x_floor": t / floor})
+  return {"model": name, "params": n_params, "model_gflop": model_flops / 1e9, "rows": rows}
 
 
 def main():
@@ -163,6 +165,7 @@ def main():
   parser.add_argument("--matmul-n", type=int, default=0, help="0: 1024 on CPU, 4096 on GPU")
   parser.add_argument("--xla-defaults", action="store_true",
                       help="compile without learned_opt.compiler_options()")
+  parser.add_argument("--json", default="", help="also write the numbers to this file")
   args = parser.parse_args()
   n = args.matmul_n or (1024 if jax.default_backend() == "cpu" else 4096)
   opts = optimizers()
@@ -177,12 +180,17 @@ def main():
         f"dense f32 matmul {n}^3: {rate / 1e9:.1f} GFLOP/s")
   options = {} if args.xla_defaults else lo.compiler_options()
   print(f"compiler options: {options or 'XLA defaults'}")
+  out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+         "matmul_gflop_per_s": rate / 1e9, "compiler_options": options, "models": []}
   if args.model in ("mlp", "all"):
-    bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate, args.rounds, args.iters, opts,
-          options)
+    out["models"].append(bench("MLP 784-1024-256-10, batch 128", mlp_problem, rate,
+                               args.rounds, args.iters, opts, options))
   if args.model in ("transformer", "all"):
-    bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)", transformer_problem, rate,
-          args.rounds, args.iters, opts, options)
+    out["models"].append(bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)",
+                               transformer_problem, rate, args.rounds, args.iters, opts, options))
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(out, fh, indent=1)
 
 
 if __name__ == "__main__":

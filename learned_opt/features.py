@@ -395,7 +395,7 @@ def stack_raw(f: Features, i: int) -> jax.Array:
   """Leaf `i`'s raw channels as one `[N, F]` matrix, for a per-coordinate network.
 
   `x @ (f.inv_rms[i][:, None] * w)` then equals the normalized features times `w`.
-  Flat and 2-D because XLA:CPU's YNNPACK fusion (`learned_opt.xla_options`) runs a chain
+  Flat and 2-D because XLA:CPU's YNNPACK fusion (`learned_opt.compiler_options`) runs a chain
   of matmuls as one kernel only on 2-D operands. The barrier keeps the stack a matrix:
   without it XLA rewrites `stack(channels) @ w` into F broadcast outer products, which
   no matmul kernel runs (3x slower on the 1M-parameter benchmark).
