@@ -4,7 +4,7 @@ On CPU, XLA's default code for the per-coordinate networks' skinny matmuls (`[N,
 [13, 32] -> [N, 32] @ [32, 32] -> ...`, N in the millions) reaches 15-25 GFLOP/s on the
 2-core machine lopt is benchmarked on, a tenth of its dense-matmul rate. XLA:CPU can
 instead hand chains of dots to YNNPACK (the successor of XNNPACK), which runs a whole
-per-coordinate MLP as one kernel: 4x faster on the network alone, 1.8x on a 1M-parameter
+per-coordinate MLP as one kernel: 4x faster on the network alone, 1.8-2.1x on a 1M-parameter
 training step with `PerParamMLP` (`benchmarks/lopt_step.py`). XLA ships this as an
 experimental option, off by default, so lopt turns it on for the functions it compiles
 itself (meta-training, evaluation, tuning, `tasks.train`) and exports the options for a
