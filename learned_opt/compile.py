@@ -1,4 +1,4 @@
-"""XLA compiler options that make lopt's steps fast, and a `jit` that applies them.
+"""XLA compiler options that make per-parameter networks fast on CPU, and an opt-in `jit`.
 
 On CPU, XLA's default code for the per-coordinate networks' skinny matmuls (`[N, 13] @
 [13, 32] -> [N, 32] @ [32, 32] -> ...`, N in the millions) reaches 15-25 GFLOP/s on the
@@ -6,15 +6,16 @@ On CPU, XLA's default code for the per-coordinate networks' skinny matmuls (`[N,
 instead hand chains of dots to YNNPACK (the successor of XNNPACK), which runs a whole
 per-coordinate MLP as one kernel: 4x faster on the network alone, 1.8-2.1x on a 1M-parameter
 training step with `PerParamMLP` (`benchmarks/lopt_step.py`). XLA ships this as an
-experimental option, off by default, so lopt turns it on for the functions it compiles
-itself (meta-training, evaluation, tuning, `tasks.train`) and exports the options for a
-user's own `jax.jit`:
+experimental option, off by default; pass it to your own `jax.jit`:
 
     step = jax.jit(train_step, compiler_options=learned_opt.compiler_options())
 
-Set the environment variable `LOPT_CPU_YNN=0` to compile with XLA's defaults instead
-(for example to rule the option out when chasing a numerical difference). Other
-backends get no options.
+Experimental means it: with this jaxlib (0.10.2) a meta-training estimate that vmaps 8
+LSTM tasks (`lstm_synthetic`, `HierarchicalLOpt`, population_map="vmap") deadlocks in
+execution with the option (4 of 4 runs; fine without it, and fine with `lax.map`). So
+lopt's own loops (meta-training, evaluation, tuning, `tasks.train`) compile with XLA's
+defaults unless the environment variable `LOPT_CPU_YNN=1` opts them in;
+`LOPT_CPU_YNN=0` also empties `compiler_options()`. Other backends get no options.
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT
 ENV_VAR = "LOPT_CPU_YNN"
 
 
+def _env_flag() -> str:
+  flag = os.environ.get(ENV_VAR, "")
+  if flag not in ("", "0", "1"):
+    raise ValueError(f"{ENV_VAR} must be '0', '1' or unset, got {flag!r}")
+  return flag
+
+
 def compiler_options(backend: str | None = None) -> dict[str, str]:
   """Options for `jax.jit(..., compiler_options=...)` on `backend` (default: JAX's).
 
@@ -38,16 +46,18 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     A new dict: YNNPACK dot fusion on CPU (unless `LOPT_CPU_YNN=0`), else empty.
   """
   backend = jax.default_backend() if backend is None else backend
-  if backend != "cpu":
+  if backend != "cpu" or _env_flag() == "0":
     return {}
-  flag = os.environ.get(ENV_VAR, "1")
-  if flag not in ("0", "1"):
-    raise ValueError(f"{ENV_VAR} must be '0' or '1', got {flag!r}")
-  return dict(_CPU_OPTIONS) if flag == "1" else {}
+  return dict(_CPU_OPTIONS)
+
+
+def internal_options() -> dict[str, str]:
+  """The options lopt's own jits use: `compiler_options()` only with `LOPT_CPU_YNN=1`."""
+  return compiler_options() if _env_flag() == "1" else {}
 
 
 class _BackendJit:
-  """`jax.jit(fun, **kwargs)` with `compiler_options()` added at the first use.
+  """`jax.jit(fun, **kwargs)` with `internal_options()` added at the first use.
 
   Deferred so that importing lopt does not initialize JAX's backends (a user may still
   be choosing a platform), and so the options match the backend actually used.
@@ -64,7 +74,7 @@ class _BackendJit:
 
   def _get(self):
     if self._jitted is None:
-      options = compiler_options()
+      options = internal_options()
       self._jitted = (jax.jit(self._fun, compiler_options=options, **self._jit_kwargs)
                       if options else self._nested)
     return self._jitted
@@ -86,7 +96,7 @@ class _BackendJit:
 
 
 def jit(fun: Callable | None = None, **jit_kwargs):
-  """`jax.jit` with lopt's `compiler_options()`; usable as `@jit` or `@jit(static_argnums=...)`."""
+  """`jax.jit` with `internal_options()`; usable as `@jit` or `@jit(static_argnums=...)`."""
   if "compiler_options" in jit_kwargs:
     raise TypeError("jit sets compiler_options itself; call jax.jit to choose others")
   if fun is None:
