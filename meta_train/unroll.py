@@ -139,11 +139,10 @@ def resolve_population_map(mode: str) -> str:
   2) fell in between. On accelerators `vmap` fills the device; that choice is reasoned,
   not yet measured here.
 
-  The best CPU layout depends on the optimizer and the task, which "auto" does not see:
-  with `learned_opt.compiler_options()` (2026-12, idle 2 cores, 8 tasks) `vmap` ran
-  `HierarchicalLOpt` (no per-coordinate matmuls) 1.6x faster than `lax.map` on
-  mlp_synthetic, but a conv task 1.8x slower (per-member kernels become grouped
-  convolutions). Pass `population_map="vmap"` for elementwise optimizers on dense tasks.
+  With XLA's defaults (2026-12, idle 2 cores) the two layouts tie for `HierarchicalLOpt`
+  (968-1020 inner steps/s at 8-16 tasks on mlp_synthetic); with the YNN dot fusion
+  (`LOPT_CPU_YNN=1`) `vmap` ran it 1.6x faster there, but a conv task 1.8x slower and a
+  vmapped LSTM task deadlocked (benchmarks/README.md), so "auto" stays `lax.map`.
   """
   if mode not in POPULATION_MAPS:
     raise ValueError(f"unknown population_map {mode!r}; expected one of {POPULATION_MAPS}")
