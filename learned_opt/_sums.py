@@ -15,11 +15,11 @@ _ROW_LENGTHS = (1024, 512, 256, 128, 64)
 def _rows(shape) -> int:
   """Length of the rows a tensor of `shape` is summed by first; 0: sum it in one go."""
   size = math.prod(shape)
-  if len(shape) >= 2 and shape[-1] >= _MIN_ROW:
-    return shape[-1]
   for length in _ROW_LENGTHS:
     if size % length == 0 and size >= 16 * length:
       return length
+  if len(shape) >= 2 and shape[-1] >= _MIN_ROW:
+    return shape[-1]
   return 0
 
 

@@ -272,8 +272,8 @@ def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
   decays = spec.momentum_decays
   k = adam_momentum_index(spec)
   t = fstate.step.astype(jnp.float32)
-  m_hat = fstate.momenta[leaf_index][k] / (1.0 - decays[k] ** t)
-  v_hat = fstate.nu[leaf_index] / (1.0 - spec.rms_decay ** t)
+  m_hat = fstate.moments[leaf_index][k] / (1.0 - decays[k] ** t)
+  v_hat = fstate.moments[leaf_index][-1] / (1.0 - spec.rms_decay ** t)
   return m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
 
 

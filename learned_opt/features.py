@@ -159,8 +159,8 @@ class FeatureState(NamedTuple):
   """Accumulators behind the features; unused ones are empty tuples."""
   step: jax.Array        # int32 []
   num_steps: jax.Array   # float32 [] (inf when no horizon was given)
-  momenta: Any           # per leaf, a list of K arrays [*shape] (one per decay)
-  nu: Any                # per leaf [*shape]
+  moments: Any           # per leaf [A, *shape]: the K momenta (if used), then the EMA of
+                         # g^2 (if used); one array so one loop advances all of them
   rows: Any              # per leaf [prod(shape[:-1])] (matrices) or [] (others)
   cols: Any              # per leaf [shape[-1]] (matrices) or []
   loss_ema: jax.Array    # float32 [len(loss_decays)]
@@ -188,9 +188,8 @@ def _zeros(shape):
 def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
   """Zero accumulators for `params`; `num_steps` as given to `LearnedOptimizer.init`."""
   leaves = jax.tree.leaves(params)
-  k = len(spec.momentum_decays)
-  momenta = [[_zeros(jnp.shape(p)) for _ in range(k)] for p in leaves] if spec.needs_momenta else ()
-  nu = [_zeros(jnp.shape(p)) for p in leaves] if spec.needs_nu else ()
+  a = len(moment_decays(spec))
+  moments = [_zeros((a, *jnp.shape(p))) for p in leaves] if a else ()
   rows, cols = (), ()
   if "adafactor" in spec.features:
     shapes = [jnp.shape(p) for p in leaves]
@@ -199,8 +198,42 @@ def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
   return FeatureState(
       step=jnp.zeros((), jnp.int32),
       num_steps=horizon_array(num_steps, required=spec.needs_horizon, who="this optimizer"),
-      momenta=momenta, nu=nu, rows=rows, cols=cols,
+      moments=moments, rows=rows, cols=cols,
       loss_ema=_zeros((len(spec.loss_decays),)), loss_first=_zeros(()))
+
+
+def moment_decays(spec: FeatureSpec) -> tuple[float, ...]:
+  """Decays of the rows of `FeatureState.moments`: the momenta's, then `rms_decay`."""
+  return ((spec.momentum_decays if spec.needs_momenta else ())
+          + ((spec.rms_decay,) if spec.needs_nu else ()))
+
+
+def momenta(spec: FeatureSpec, state: FeatureState, i: int) -> list:
+  """Leaf `i`'s K momenta (one array per decay in `spec.momentum_decays`)."""
+  if not spec.needs_momenta:
+    raise ValueError(f"features {spec.features} keep no momenta")
+  return [state.moments[i][k] for k in range(len(spec.momentum_decays))]
+
+
+def second_moment(spec: FeatureSpec, state: FeatureState, i: int) -> jax.Array:
+  """Leaf `i`'s EMA of the squared gradient (decay `spec.rms_decay`)."""
+  if not spec.needs_nu:
+    raise ValueError(f"features {spec.features} keep no second moment")
+  return state.moments[i][-1]
+
+
+def _advance_moments(spec: FeatureSpec, acc: jax.Array, g: jax.Array) -> jax.Array:
+  """All EMAs of one leaf in one elementwise expression over the stacked `[A, *shape]`.
+
+  Separate arrays cost one loop each, and each loop reads the gradient again (XLA:CPU
+  does not fuse sibling loops); a select on the row index keeps it one loop.
+  """
+  decays = jnp.asarray(moment_decays(spec), jnp.float32).reshape((-1,) + (1,) * g.ndim)
+  target = g[None]
+  if spec.needs_nu:
+    is_square = jnp.arange(acc.shape[0]).reshape(decays.shape) == acc.shape[0] - 1
+    target = jnp.where(is_square, jnp.square(g)[None], target)
+  return decays * acc + (1.0 - decays) * target
 
 
 def _newton_schulz(x: jax.Array) -> jax.Array:
@@ -218,17 +251,20 @@ def _newton_schulz(x: jax.Array) -> jax.Array:
   return x.T if transposed else x
 
 
-def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
+def _leaf_features(spec: FeatureSpec, g, p, acc, r, c):
   """Raw channels of one leaf (a list of arrays shaped like it) and its accumulators.
 
   Channels stay separate arrays (never stacked) so XLA fuses their computation,
   normalization and the per-parameter network into few passes over memory.
   """
   shape = g.shape
-  if spec.needs_momenta:
-    m = [b * mi + (1.0 - b) * g for b, mi in zip(spec.momentum_decays, m)]
-  if spec.needs_nu:
-    v = spec.rms_decay * v + (1.0 - spec.rms_decay) * jnp.square(g)
+  m = v = None
+  if acc is not None:
+    acc = _advance_moments(spec, acc, g)
+    if spec.needs_momenta:
+      m = [acc[k] for k in range(len(spec.momentum_decays))]
+    if spec.needs_nu:
+      v = acc[-1]
   chans, squares = [], {}  # squares: channel index -> its square, where cheaper than x * x
   for f in spec.param_groups:
     if f == "grad":
@@ -274,7 +310,7 @@ def _leaf_features(spec: FeatureSpec, g, p, m, v, r, c):
         chans.append(_newton_schulz(mu.reshape(-1, shape[-1])).reshape(shape))
       else:
         chans.append(mu)
-  return chans, squares, (m, v, r, c)
+  return chans, squares, (m, v, r, c, acc)
 
 
 def _global_features(spec: FeatureSpec, state: FeatureState, loss):
@@ -314,12 +350,26 @@ def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
     raise ValueError("the 'saferate' feature needs the loss as a function of the params: "
                      "pass update(..., value_fn=params -> loss)")
   from learned_opt.baselines import saferate_step  # local: baselines may import us later
-  direction = [-m[spec.saferate_index] * jax.lax.rsqrt(v + TINY) for m, v, _, _ in accs]
+  direction = [-m[spec.saferate_index] * jax.lax.rsqrt(v + TINY) for m, v, *_ in accs]
   leaves, treedef = jax.tree.flatten(params)
   direction_tree = jax.tree.unflatten(
       treedef, [d.astype(jnp.asarray(p).dtype) for d, p in zip(direction, leaves)])
   eta, _ = saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
   return [jnp.asarray(eta, jnp.float32) * d for d in direction]
+
+
+def _previous_momentum_sums(sums: jax.Array, decay: float, step: jax.Array) -> jax.Array:
+  """[sum g^2, sum m^2, sum g m] with m the momentum BEFORE this step, from the same sums
+  over the momentum after it, `m_new = decay * m + (1 - decay) * g`.
+
+  Exact zeros at the first step (m = 0), where the algebra would leave float32 rounding.
+  """
+  gg, nn, gn = sums[0], sums[1], sums[2]
+  a = 1.0 - decay
+  gm = (gn - a * gg) / decay
+  mm = jnp.maximum(nn - 2.0 * a * gn + a * a * gg, 0.0) / (decay * decay)
+  first = step == 0
+  return jnp.stack([gg, jnp.where(first, 0.0, mm), jnp.where(first, 0.0, gm)])
 
 
 def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
@@ -348,13 +398,12 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   if len(g_leaves) != len(p_leaves):
     raise ValueError(f"grads have {len(g_leaves)} leaves but params have {len(p_leaves)}")
   n = len(g_leaves)
-  m = state.momenta if spec.needs_momenta else [None] * n
-  v = state.nu if spec.needs_nu else [None] * n
+  moments = state.moments if moment_decays(spec) else [None] * n
   r = state.rows if "adafactor" in spec.features else [None] * n
   c = state.cols if "adafactor" in spec.features else [None] * n
   raws, squares, accs = [], [], []
   for i in range(n):
-    raw, sq, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], m[i], v[i], r[i], c[i])
+    raw, sq, acc = _leaf_features(spec, g_leaves[i], p_leaves[i], moments[i], r[i], c[i])
     raws.append(raw)
     squares.append(sq)
     accs.append(acc)
@@ -364,16 +413,25 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   if cosine_momentum is not None and not spec.needs_momenta:
     raise ValueError(f"cosine_momentum={cosine_momentum} needs momenta; features are "
                      f"{spec.features}")
+  if cosine_momentum is not None:
+    decay = spec.momentum_decays[cosine_momentum]
+    # Undoing the EMA divides by decay^2: below 0.5 read the old momentum instead.
+    derive_old = decay >= 0.5
   per_param, scales, invs, momentum_sums = [], [], [], []
   for i, (raw, sq) in enumerate(zip(raws, squares)):
     sq = [sq.get(j, None) if sq.get(j, None) is not None else jnp.square(x)
           for j, x in enumerate(raw)]
     if cosine_momentum is not None:
-      g, m_old = g_leaves[i], m[i][cosine_momentum]
-      sq += [g * g, m_old * m_old, g * m_old]
+      # Sums over this step's momentum, from which the previous one's follow: reading
+      # the previous momentum here would make XLA copy the donated state.
+      g = g_leaves[i]
+      m = accs[i][0][cosine_momentum] if derive_old else moments[i][cosine_momentum]
+      sq += [g * g, m * m, g * m]
     ms = _mean_squares(sq)
     if cosine_momentum is not None:
-      momentum_sums.append(ms[-3:] * math.prod(jnp.shape(raw[0])))
+      sums = ms[-3:] * math.prod(jnp.shape(raw[0]))
+      momentum_sums.append(_previous_momentum_sums(sums, decay, state.step)
+                           if derive_old else sums)
       ms = ms[:-3]
     ms = ms + TINY
     inv = jax.lax.rsqrt(ms)
@@ -384,7 +442,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
   pick = lambda j, used: [a[j] for a in accs] if used else ()
   new_state = FeatureState(
       step=state.step + 1, num_steps=state.num_steps,
-      momenta=pick(0, spec.needs_momenta), nu=pick(1, spec.needs_nu),
+      moments=pick(4, bool(moment_decays(spec))),
       rows=pick(2, "adafactor" in spec.features), cols=pick(3, "adafactor" in spec.features),
       loss_ema=loss_ema, loss_first=loss_first)
   return Features(per_param, jnp.stack(scales), glob, raws, jnp.stack(invs),

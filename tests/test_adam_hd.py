@@ -214,3 +214,21 @@ def test_learned_rate_needs_the_adam_hd_nominal():
                      hypergradient_rate_max_log_scale=0.5)
   with pytest.raises(ValueError, match="nominal_residual_clip must be a number >= 0, got -1"):
     _hd_lopt(nominal_residual_clip=-1.0)
+
+
+def test_donated_step_copies_no_tensor_sized_state():
+  # The hypergradient cosine needs the momentum from before the step; reading it after the
+  # donated buffer received the new one would make XLA copy it every step.
+  lopt = _hd_lopt()
+  theta = lopt.init_meta_params(jax.random.key(0))
+  tx = learned_opt.to_optax(lopt, theta, num_steps=30)
+  params = {"w": jnp.ones((64, 48)), "b": jnp.zeros((48,))}
+
+  def step(params, state):
+    loss, g = jax.value_and_grad(_loss)(params)
+    u, state = tx.update(g, state, params, loss=loss)
+    return optax.apply_updates(params, u), state
+
+  hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile().as_text()
+  copies = [line for line in hlo.splitlines() if " copy(" in line and "64,48" in line]
+  assert not copies, copies

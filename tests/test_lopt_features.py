@@ -137,7 +137,8 @@ def test_saferate_channel_carries_the_certified_step():
   np.testing.assert_allclose(log_eta, jnp.log(eta) * jnp.ones(2), rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(), (7,), (4096,), (3, 3, 16, 32), (784, 1024), (33, 65), (5, 64)])
+@pytest.mark.parametrize("shape", [(), (7,), (4096,), (3, 3, 16, 32), (784, 1024), (1024, 256),
+                                   (33, 65), (5, 64)])
 def test_sums_match_numpy_in_one_pass(shape):
   from learned_opt import _sums
   xs = [jax.random.normal(jax.random.key(i), shape) for i in range(3)]
@@ -146,3 +147,37 @@ def test_sums_match_numpy_in_one_pass(shape):
     assert s.shape == ()
     np.testing.assert_allclose(float(s), float(np.sum(np.asarray(x, np.float64))), rtol=1e-5, atol=1e-3)
   assert _sums.sums([]) == []
+
+
+def test_moments_are_one_stacked_array_per_leaf():
+  spec = F.FeatureSpec(("grad", "momentum", "rms"), momentum_decays=(0.5, 0.9), rms_decay=0.8)
+  params, grads = _problem(steps=2)
+  _, state = _run(spec, grads, params, [1.0, 1.0])
+  g1, g2 = grads
+  for i, (a, b) in enumerate(zip(jax.tree.leaves(g1), jax.tree.leaves(g2))):
+    assert state.moments[i].shape == (3, *a.shape)
+    for k, d in enumerate((0.5, 0.9)):
+      np.testing.assert_allclose(F.momenta(spec, state, i)[k], d * (1 - d) * a + (1 - d) * b,
+                                 rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(F.second_moment(spec, state, i),
+                               0.8 * 0.2 * a ** 2 + 0.2 * b ** 2, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="keep no momenta"):
+    F.momenta(F.FeatureSpec(("grad", "rms")), state, 0)
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.3])  # 0.9: derived from the new momentum; 0.3: read
+def test_cosine_momentum_sums_use_the_previous_momentum(decay):
+  spec = F.FeatureSpec(("grad", "momentum"), momentum_decays=(decay,))
+  params, grads = _problem(steps=4)
+  state = F.init_state(spec, params, None)
+  compute = jax.jit(lambda g, s: F.compute(spec, g, params, s, cosine_momentum=0))
+  for step, g in enumerate(grads):
+    old = [F.momenta(spec, state, i)[0] for i in range(len(jax.tree.leaves(params)))]
+    f, state = compute(g, state)
+    for i, (gi, m) in enumerate(zip(jax.tree.leaves(g), old)):
+      want = np.array([np.sum(np.float64(gi) ** 2), np.sum(np.float64(m) ** 2),
+                       np.sum(np.float64(gi) * np.float64(m))])
+      if step == 0:  # m = 0: exact zeros, not rounding
+        assert float(f.momentum_sums[i, 1]) == 0.0 and float(f.momentum_sums[i, 2]) == 0.0
+      scale = np.sqrt(want[0] * max(want[1], 1e-30))
+      np.testing.assert_allclose(f.momentum_sums[i], want, rtol=2e-4, atol=2e-5 * scale)

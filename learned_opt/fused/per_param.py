@@ -120,11 +120,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
     side = None
     if side_cols:
       side = jnp.stack([_channel(f.per_param[i], j) for j in side_cols])
-    m = []
-    if uses_m:  # K arrays, or one [*shape, K] array in older feature states
-      m_i = fstate.momenta[i]
-      m = list(m_i) if isinstance(m_i, (list, tuple)) else [
-          m_i[..., k] for k in range(m_i.shape[-1])]
+    m = feats.momenta(spec, fstate, i) if uses_m else []
     gs = sanitize(g)
     scal = fk.LeafScalars(
         grad_rsqrt_ms=jax.lax.rsqrt(jnp.mean(jnp.square(gs)) + feats.TINY), step=step[i],
@@ -132,7 +128,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
         out_scale=jnp.float32(1.0 if out_scales is None else out_scales[i]))
     has_scale = out_scales is not None and out_scales[i] != 1.0
     out.append(fk.leaf_update(
-        g, p, m, fstate.nu[i] if uses_v else None, side,
+        g, p, m, feats.second_moment(spec, fstate, i) if uses_v else None, side,
         channels=chans, w_in=w1, b_in=b_in[i], hidden=hidden, w_out=wo, b_out=bo,
         scalars=scal, exp_mult=exp_mult, has_wd=bool(weight_decay), has_scale=has_scale,
         interpret=interpret, block_size=block_size, num_warps=num_warps,
