@@ -30,6 +30,11 @@ def _run(opt, params, loss_fn=_loss, steps=6):
   return out, state
 
 
+# HierarchicalLOpt derives the cosine's sums from the momentum after the step
+# (`features._previous_momentum_sums`): the same math as adam_hd, rounded differently.
+_HD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
 def _close(xs, ys, **kw):
   for a, b in zip(xs, ys):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -125,9 +130,9 @@ def test_untrained_hierarchical_is_adam_hd_and_does_not_recompile():
   params = _params(jax.random.key(1))
   ours, ostate = _run(learned_opt.to_optax(lopt, theta, num_steps=30), params, steps=30)
   ref, rstate = _run(adam_hd(3e-3), params, steps=30)
-  _close(ours, ref, rtol=1e-5, atol=1e-7)
+  _close(ours, ref, **_HD_TOL)
   # Same per-tensor learning rates, and they moved (so the check above is not Adam's).
-  np.testing.assert_allclose(ostate.inner.nominal[0], rstate[0].log_lr, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(ostate.inner.nominal[0], rstate[0].log_lr, **_HD_TOL)
   assert float(jnp.max(jnp.abs(rstate[0].log_lr))) > 0.2
   update = jax.jit(lopt.update)
   state = lopt.init(theta, params, num_steps=30)
@@ -178,14 +183,14 @@ def test_learned_hypergradient_rate_is_a_bounded_head_output():
   # Zero outputs: the rate is hypergradient_rate, i.e. adam_hd.
   ours, ostate = _run(learned_opt.to_optax(lopt, theta, num_steps=20), params, steps=20)
   ref, _ = _run(adam_hd(3e-3), params, steps=20)
-  _close(ours, ref, rtol=1e-5, atol=1e-7)
+  _close(ours, ref, **_HD_TOL)
   # A head bias of log 2 on the rate output is adam_hd at twice the rate.
   head = dict(theta["head"], b=theta["head"]["b"].at[lopt.num_mlps + 1].set(np.log(2.0)))
   ours, ostate = _run(learned_opt.to_optax(lopt, dict(theta, head=head), num_steps=20),
                       params, steps=20)
   ref, rstate = _run(adam_hd(3e-3, rate=0.1), params, steps=20)
-  _close(ours, ref, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(ostate.inner.nominal[0], rstate[0].log_lr, rtol=1e-5, atol=1e-7)
+  _close(ours, ref, **_HD_TOL)
+  np.testing.assert_allclose(ostate.inner.nominal[0], rstate[0].log_lr, **_HD_TOL)
   # Saturated meta-parameters: the rate is at most 4x (|move| <= 0.2 per step), the
   # direction stays Adam's (no residual) and the step factor within e^0.5.
   wild = jax.tree.map(lambda x: x + 1e3, theta)
