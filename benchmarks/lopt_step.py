@@ -12,8 +12,9 @@ this machine's dense-matmul rate (measured here, same run). `x floor` = measured
 time / floor: how far the step is from running all its FLOPs at matmul speed.
 
 Every step is compiled with `learned_opt.compiler_options()` (on CPU: XLA's YNNPACK dot
-fusion, which runs the per-coordinate networks as one kernel), as lopt's own loops are;
-`--xla-defaults` compiles with XLA's defaults instead, for comparison.
+fusion, which runs the per-coordinate networks as one kernel, and 512-bit vectors where
+the CPU has AVX-512), as the README tells users to; `--xla-defaults` compiles with
+XLA's defaults instead, for comparison.
 
 Usage: python benchmarks/lopt_step.py [--rounds 5] [--iters 10] [--model mlp|transformer|all]
        [--optimizers per_param_mlp,hierarchical,...] [--xla-defaults] [--json OUT]

@@ -18,7 +18,12 @@ def _entry_fusions(hlo: str) -> int:
 
 def test_options_per_backend_and_env(monkeypatch):
   monkeypatch.delenv(lopt_compile.ENV_VAR, raising=False)
+  monkeypatch.setattr(lopt_compile, "cpu_has_avx512", lambda: False)
   assert lo.compiler_options("cpu") == {YNN_KEY: "LIBRARY_FUSION_TYPE_DOT"}
+  monkeypatch.setattr(lopt_compile, "cpu_has_avx512", lambda: True)
+  assert lo.compiler_options("cpu") == {YNN_KEY: "LIBRARY_FUSION_TYPE_DOT",
+                                        "xla_cpu_prefer_vector_width": 512}
+  assert lo.compiler_options("gpu") == {}
   assert lo.compiler_options("gpu") == {}
   assert lo.compiler_options("tpu") == {}
   lo.compiler_options("cpu")[YNN_KEY] = "changed"  # a fresh dict each call
@@ -40,7 +45,8 @@ def test_lopts_own_jits_use_the_options_only_when_opted_in(monkeypatch, flag):
     monkeypatch.setenv(lopt_compile.ENV_VAR, flag)
   on_cpu = jax.default_backend() == "cpu"
   assert lopt_compile.internal_options() == (
-      {YNN_KEY: "LIBRARY_FUSION_TYPE_DOT"} if flag == "1" and on_cpu else {})
+      lo.compiler_options() if flag == "1" and on_cpu else {})
+  assert (YNN_KEY in lopt_compile.internal_options()) == (flag == "1" and on_cpu)
   f = lopt_compile.jit(lambda x, w: jax.nn.relu(x @ w) @ w)
   x, w = jnp.ones((512, 16)), jnp.full((16, 16), 0.1)
   hlo = f.lower(x, w).compile().as_text()
