@@ -208,18 +208,25 @@ def moment_decays(spec: FeatureSpec) -> tuple[float, ...]:
           + ((spec.rms_decay,) if spec.needs_nu else ()))
 
 
+def moment_rows(spec: FeatureSpec) -> tuple[tuple[int, ...], Optional[int]]:
+  """Rows of `FeatureState.moments[i]`: one per momentum decay (empty if none is kept),
+  and the second moment's (None if not kept)."""
+  k = len(spec.momentum_decays) if spec.needs_momenta else 0
+  return tuple(range(k)), (k if spec.needs_nu else None)
+
+
 def momenta(spec: FeatureSpec, state: FeatureState, i: int) -> list:
   """Leaf `i`'s K momenta (one array per decay in `spec.momentum_decays`)."""
   if not spec.needs_momenta:
     raise ValueError(f"features {spec.features} keep no momenta")
-  return [state.moments[i][k] for k in range(len(spec.momentum_decays))]
+  return [state.moments[i][r] for r in moment_rows(spec)[0]]
 
 
 def second_moment(spec: FeatureSpec, state: FeatureState, i: int) -> jax.Array:
   """Leaf `i`'s EMA of the squared gradient (decay `spec.rms_decay`)."""
   if not spec.needs_nu:
     raise ValueError(f"features {spec.features} keep no second moment")
-  return state.moments[i][-1]
+  return state.moments[i][moment_rows(spec)[1]]
 
 
 def _advance_moments(spec: FeatureSpec, acc: jax.Array, g: jax.Array) -> jax.Array:

@@ -114,3 +114,18 @@ def test_no_recompile_on_second_call():
   u, state = step(state, grads)
   jax.block_until_ready(u)
   assert len(traces) == 1
+
+
+def test_kernel_reads_momenta_rows_and_needs_them():
+  from learned_opt.fused import kernel as fk
+  g = jnp.arange(6.0).reshape(2, 3)
+  kw = dict(w_in=jnp.ones((1, 4)), b_in=jnp.zeros(4), hidden=(), w_out=jnp.ones((4, 2)),
+            b_out=jnp.zeros(2), exp_mult=0.0, has_wd=False, has_scale=False, interpret=True,
+            scalars=fk.LeafScalars(*(jnp.float32(x) for x in (1.0, 1.0, 0.0, 1.0))))
+  with pytest.raises(ValueError, match="need `moments`"):
+    fk.leaf_update(g, g, None, None, channels=(fk.Channel("momentum", 0),), **kw)
+  # Channel "momentum" 0 reads row 2 of the stacked accumulators: u = 4 relu(m) = 4 m.
+  moments = jnp.stack([jnp.zeros_like(g), -jnp.ones_like(g), g + 1.0])
+  u = fk.leaf_update(g, g, moments, None, channels=(fk.Channel("momentum", 0),),
+                     momentum_rows=(2,), **kw)
+  np.testing.assert_allclose(u, 4.0 * (g + 1.0))

@@ -64,12 +64,11 @@ def _pad_to(x: jax.Array, shape) -> jax.Array:
   return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
-def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_v,
-            has_side, has_wd, has_scale, precision):
+def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, momentum_rows,
+            nu_row, has_moments, has_side, has_wd, has_scale, precision):
   it = iter(refs)
   g_ref, p_ref = next(it), next(it)
-  m_refs = [next(it) for _ in range(n_m)]
-  v_ref = next(it) if has_v else None
+  moments_ref = next(it) if has_moments else None
   side_ref = next(it) if has_side else None
   w1_ref, b1_ref = next(it), next(it)
   hidden = [(next(it), next(it)) for _ in range(n_hidden)]
@@ -84,9 +83,8 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_
   # Same sanitizing as learned_opt.base.sanitize: NaN -> 0, clip to +-GRAD_BOUND.
   g = jnp.clip(jnp.where(jnp.isnan(g), 0.0, g), -GRAD_BOUND, GRAD_BOUND)
   p = load(p_ref)
-  v = None
-  if has_v:
-    v = load(v_ref)
+  row = lambda r: load(moments_ref.at[jnp.int32(r)])
+  v = None if nu_row is None else row(nu_row)
   h = None
   for f, ch in enumerate(channels):
     if ch.kind == "grad":
@@ -96,11 +94,11 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_
     elif ch.kind == "param":
       x = p
     elif ch.kind == "momentum":
-      x = load(m_refs[ch.index])
+      x = row(momentum_rows[ch.index])
     elif ch.kind == "rms":
       x = jnp.sqrt(v)
     elif ch.kind == "adam":
-      x = load(m_refs[ch.index]) * jax.lax.rsqrt(v + TINY)
+      x = row(momentum_rows[ch.index]) * jax.lax.rsqrt(v + TINY)
     else:  # "side": precomputed, already normalized
       x = load(side_ref.at[jnp.int32(ch.index)])
     term = x[:, None] * w1_ref[f, :][None, :]
@@ -126,8 +124,9 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, n_m, has_
   plt.store(u_ref, u.astype(u_ref.dtype), mask=valid)
 
 
-def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[jax.Array],
-                side: Optional[jax.Array], *, channels: tuple, w_in: jax.Array,
+def leaf_update(g: jax.Array, p: jax.Array, moments: Optional[jax.Array],
+                side: Optional[jax.Array], *, channels: tuple, momentum_rows: Sequence[int] = (),
+                nu_row: Optional[int] = None, w_in: jax.Array,
                 b_in: jax.Array, hidden: tuple, w_out: jax.Array, b_out: jax.Array,
                 scalars: LeafScalars, exp_mult: float, has_wd: bool, has_scale: bool,
                 interpret: bool = False, block_size: int = 256, num_warps: int = 4,
@@ -142,10 +141,13 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[
   Args:
     g: gradient, any shape, any float dtype (sanitized in the kernel).
     p: parameter, same shape.
-    m: advanced momenta, K float32 arrays shaped like `p` (empty if no channel reads them).
-    v: advanced second moment `[*shape]` float32, or None.
+    moments: the advanced accumulators `[A, *shape]` float32 (`FeatureState.moments`: one
+      array, so the kernel reads rows of it and XLA copies no slices), or None.
     side: precomputed, normalized channels `[S, *shape]` float32, or None.
     channels: tuple of `Channel`, one per row of `w_in`, in the network's input order.
+    momentum_rows: row of `moments` holding momentum k (what "momentum"/"adam" channel
+      k reads).
+    nu_row: row of `moments` holding the second moment ("rms"/"adam"), or None.
     w_in: first-layer weights `[F, H1]`, rows already divided by the channel RMS.
     b_in: first-layer bias `[H1]` (per-tensor and global features folded in).
     hidden: tuple of `(w [H_i, H_{i+1}], b [H_{i+1}])` for the later hidden layers.
@@ -169,6 +171,9 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[
   shape, n = p.shape, p.size
   if g.shape != shape:
     raise ValueError(f"gradient shape {g.shape} != parameter shape {shape}")
+  needs_rows = any(c.kind in ("momentum", "adam", "rms") for c in channels)
+  if needs_rows and moments is None:
+    raise ValueError("momentum/adam/rms channels need `moments`")
   if w_in.shape[0] != len(channels):
     raise ValueError(f"w_in has {w_in.shape[0]} rows but {len(channels)} channels were given")
   # Pad widths to powers of two (Triton's rule); zero weights keep padded units at 0.
@@ -187,12 +192,9 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[
   vec = pl.BlockSpec((block_size,), lambda i: (i,))
   full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
   ins, specs = [g.reshape(n), p.reshape(n)], [vec, vec]
-  for mk in m:
-    ins.append(mk.reshape(n))
-    specs.append(vec)
-  if v is not None:
-    ins.append(v.reshape(n))
-    specs.append(vec)
+  if moments is not None:
+    ins.append(moments.reshape(moments.shape[0], n))
+    specs.append(pl.BlockSpec((moments.shape[0], block_size), lambda i: (0, i)))
   if side is not None:
     ins.append(side.reshape(side.shape[0], n))
     specs.append(pl.BlockSpec((side.shape[0], block_size), lambda i: (0, i)))
@@ -201,8 +203,9 @@ def leaf_update(g: jax.Array, p: jax.Array, m: Sequence[jax.Array], v: Optional[
   specs += [full(a) for a in small]
   kernel = functools.partial(
       _kernel, channels=tuple(channels), n=n, block=block_size, n_hidden=len(hidden),
-      dot_layers=tuple(dot_layers), exp_mult=float(exp_mult), n_m=len(m),
-      has_v=v is not None, has_side=side is not None, has_wd=bool(has_wd),
+      dot_layers=tuple(dot_layers), exp_mult=float(exp_mult),
+      momentum_rows=tuple(momentum_rows), nu_row=nu_row, has_moments=moments is not None,
+      has_side=side is not None, has_wd=bool(has_wd),
       has_scale=bool(has_scale), precision=precision)
   compiler_params = None
   if not interpret:

@@ -106,6 +106,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
   side_cols = [j for j, c in enumerate(chans) if c.kind == "side"]
   uses_m = any(c.kind in ("momentum", "adam") for c in chans)
   uses_v = any(c.kind in ("rms", "adam") for c in chans)
+  m_rows, nu_row = feats.moment_rows(spec)
   # exp(-log RMS) is the normalizer features.compute divided by; folded into w_in.
   inv = jnp.exp(-f.per_tensor)  # [n, F]
   step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (n,))
@@ -120,7 +121,6 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
     side = None
     if side_cols:
       side = jnp.stack([_channel(f.per_param[i], j) for j in side_cols])
-    m = feats.momenta(spec, fstate, i) if uses_m else []
     gs = sanitize(g)
     scal = fk.LeafScalars(
         grad_rsqrt_ms=jax.lax.rsqrt(jnp.mean(jnp.square(gs)) + feats.TINY), step=step[i],
@@ -128,8 +128,8 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
         out_scale=jnp.float32(1.0 if out_scales is None else out_scales[i]))
     has_scale = out_scales is not None and out_scales[i] != 1.0
     out.append(fk.leaf_update(
-        g, p, m, feats.second_moment(spec, fstate, i) if uses_v else None, side,
-        channels=chans, w_in=w1, b_in=b_in[i], hidden=hidden, w_out=wo, b_out=bo,
+        g, p, fstate.moments[i] if uses_m or uses_v else None, side,
+        channels=chans, momentum_rows=m_rows, nu_row=nu_row, w_in=w1, b_in=b_in[i], hidden=hidden, w_out=wo, b_out=bo,
         scalars=scal, exp_mult=exp_mult, has_wd=bool(weight_decay), has_scale=has_scale,
         interpret=interpret, block_size=block_size, num_warps=num_warps,
         precision=precision))
