@@ -93,10 +93,13 @@ class SmoothRule:
       far = (self.f(x0 + hs) - f0 - f1 * hs) / (hs * hs)
     return jnp.where(near, series, far)
 
-  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
+  def remainder(self, x0, lo, hi, f0, f1, fence: Fn | None = None) -> Interval:
+    """`fence` (see `enclosure.compose`) marks the two end values worth materializing."""
     d2, d3, d4 = self.d2(x0), self.d3(x0), self.d4(x0)
     r_lo = self._r(x0, lo, f0, f1, d2, d3, d4)
     r_hi = self._r(x0, hi, f0, f1, d2, d3, d4)
+    if fence is not None:
+      r_lo, r_hi = fence(r_lo), fence(r_hi)
     out_lo, out_hi = jnp.minimum(r_lo, r_hi), jnp.maximum(r_lo, r_hi)
     if self.splits:
       crossed = jnp.zeros(x0.shape, bool)
@@ -144,8 +147,8 @@ class KinkRule:
     f1 = jnp.where(x0 > 0, self.right, jnp.where(x0 < 0, self.left, self.at_zero))
     return f0, f1.astype(x0.dtype)
 
-  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
-    del f0, f1
+  def remainder(self, x0, lo, hi, f0, f1, fence=None) -> Interval:
+    del f0, f1, fence  # closed forms: cheap to recompute
     jump = self.right - self.left
     crosses = ((x0 > 0) & (lo < 0)) | ((x0 < 0) & (hi > 0))
     p = jnp.clip(-x0, lo, hi)
@@ -175,8 +178,8 @@ class PolyRule:
       return square(x)
     return Interval(x.lo ** 3, x.hi ** 3)
 
-  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
-    del f0, f1
+  def remainder(self, x0, lo, hi, f0, f1, fence=None) -> Interval:
+    del f0, f1, fence  # closed forms: cheap to recompute
     if self.power == 2:
       one = jnp.ones_like(x0)
       return Interval(one, one)
@@ -196,8 +199,8 @@ class ReciprocalRule:
     ok = (x.lo > 0) | (x.hi < 0)
     return Interval(jnp.where(ok, 1.0 / x.hi, -jnp.inf), jnp.where(ok, 1.0 / x.lo, jnp.inf))
 
-  def remainder(self, x0, lo, hi, f0, f1) -> Interval:
-    del f0, f1
+  def remainder(self, x0, lo, hi, f0, f1, fence=None) -> Interval:
+    del f0, f1, fence  # closed forms: cheap to recompute
     ok = (lo > 0) | (hi < 0)
     inv = 1.0 / (x0 * x0)
     r_lo = jnp.where(ok, inv / hi, -jnp.inf)

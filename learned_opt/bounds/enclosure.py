@@ -192,14 +192,33 @@ def bilinear_const(op: iv.Bilinear, a, b, t: jax.Array, *, ranges: bool = False)
   return Enclosure(op(a, b.c0), op(a, b.c1), rem, rng)
 
 
+def _fence(t: jax.Array, dtype) -> Callable[[jax.Array], jax.Array]:
+  """x -> x / 1, with a 1 that XLA cannot fold (it comes from the traced trust region).
+
+  XLA:CPU fuses a chain of cheap elementwise ops into every loop that reads its result
+  and has no multi-output loop fusion, so a remainder rule's few hundred adds and
+  multiplies were evaluated once per consumer (the interval's two ends, then the
+  midpoint and radius that each following matmul reads: up to 8 times). A float divide
+  counts as expensive, which XLA does not duplicate: the chain is computed once and
+  written out (the bound pass 9% faster on the transformer LM, 14% on the MLP). x / 1 is
+  exact; float32 bounds move in the 6th digit only because XLA's loops, split
+  differently, round differently. `optimization_barrier` cannot do this: XLA:CPU removes
+  it before fusion. With a constant t the 1 folds away and nothing changes.
+  """
+  s = jnp.clip(jnp.asarray(t, dtype), 1.0, 2.0)
+  one = s / s
+  return lambda x: x / one
+
+
 def compose(rule, a: Enclosure, t: jax.Array) -> Enclosure:
   """f(a) for an elementwise rule (see `elementwise`):
   f(a0 + eta Y) = f(a0) + f'(a0) (a1 eta + A eta^2) + r(range) (eta Y)^2."""
   f0, f1 = rule.value_and_slope(a.c0)
   y = slope_interval(a, t)
   rng = value_range(a, t)
-  r = rule.remainder(a.c0, rng.lo, rng.hi, f0, f1)
+  fence = _fence(t, f0.dtype)
+  r = rule.remainder(a.c0, rng.lo, rng.hi, f0, f1, fence=fence)
   rem = iv.mul_nonneg(r, iv.square(y))
   if a.rem is not None:
     rem = iv.add(rem, iv.scale(a.rem, f1))
-  return Enclosure(f0, f1 * a.c1, rem, rule.image(rng))
+  return Enclosure(f0, f1 * a.c1, Interval(fence(rem.lo), fence(rem.hi)), rule.image(rng))
