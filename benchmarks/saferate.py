@@ -105,16 +105,20 @@ def speed(args):
         return optax.apply_updates(p, u), s, v
       safe_step = jax.jit(safe_step_fn)
 
-      bound = lambda p, d: taylor_bounds(loss, p, d, 1e-2)
+      # The trust region is traced, as in SafeRate's own step (a constant one lets XLA
+      # fold parts of the pass that a real step computes).
+      bound = lambda p, d, t: taylor_bounds(loss, p, d, t)
+      t_region = jnp.asarray(1e-2, dtype)
       pieces = {
           "forward": (jax.jit(loss), (params,)),
           "value_and_grad": (jax.jit(jax.value_and_grad(loss)), (params,)),
-          "bound pass": (jax.jit(bound), (params, d)),
+          "bound pass": (jax.jit(bound), (params, d, t_region)),
           "adam step": (adam_step, (params, sa)),
           "saferate[adam] step": (safe_step, (params, ss)),
       }
       if args.before:  # the same pieces traced as before the speed-ups
-        pieces["bound pass, before"] = (jax.jit(lambda p, d: bound(p, d)), (params, d))
+        pieces["bound pass, before"] = (jax.jit(lambda p, d, t: bound(p, d, t)),
+                                        (params, d, t_region))
         pieces["saferate step, before"] = (jax.jit(lambda p, s: safe_step_fn(p, s)),
                                            (params, ss))
       t0 = time.perf_counter()
