@@ -51,7 +51,15 @@ import jax
 import jax.numpy as jnp
 
 from learned_opt import _sums
-from learned_opt.base import horizon_array, sanitize
+from learned_opt.base import sanitize
+# The state's types and accessors are part of this module's API (re-exported).
+from learned_opt.feature_state import (FeatureState, advance_moments,  # noqa: F401
+                                       init_state, is_matrix, moment_decays, moment_rows,
+                                       momenta, previous_momentum_sums, second_moment)
+
+from learned_opt.feature_state import float32_zeros as _zeros
+
+_is_matrix = is_matrix  # the name other modules use
 
 try:  # optax exposes this only from its contrib/_muon module (no public alias in 0.2.x).
   from optax.contrib._muon import orthogonalize_via_newton_schulz as _optax_orthogonalize
@@ -155,18 +163,6 @@ class FeatureSpec:
     return self.param_names() + self.tensor_names() + self.global_names()
 
 
-class FeatureState(NamedTuple):
-  """Accumulators behind the features; unused ones are empty tuples."""
-  step: jax.Array        # int32 []
-  num_steps: jax.Array   # float32 [] (inf when no horizon was given)
-  moments: Any           # per leaf [A, *shape]: the K momenta (if used), then the EMA of
-                         # g^2 (if used); one array so one loop advances all of them
-  rows: Any              # per leaf [prod(shape[:-1])] (matrices) or [] (others)
-  cols: Any              # per leaf [shape[-1]] (matrices) or []
-  loss_ema: jax.Array    # float32 [len(loss_decays)]
-  loss_first: jax.Array  # float32 []
-
-
 class Features(NamedTuple):
   """What the networks read, one entry per parameter leaf (flattened tree order)."""
   per_param: list        # per leaf, a list of F channels [*shape] (float32), normalized per tensor
@@ -175,72 +171,6 @@ class Features(NamedTuple):
   raw: list = ()         # per leaf, the F channels before normalization
   inv_rms: Any = None    # [n_leaves, F]: per_param[i][j] == raw[i][j] * inv_rms[i, j]
   momentum_sums: Any = None  # [n_leaves, 3] sums of g^2, m^2, g m (`cosine_momentum`)
-
-
-def _is_matrix(shape) -> bool:
-  return len(shape) >= 2 and shape[-1] > 1 and math.prod(shape[:-1]) > 1
-
-
-def _zeros(shape):
-  return jnp.zeros(shape, jnp.float32)
-
-
-def init_state(spec: FeatureSpec, params, num_steps) -> FeatureState:
-  """Zero accumulators for `params`; `num_steps` as given to `LearnedOptimizer.init`."""
-  leaves = jax.tree.leaves(params)
-  a = len(moment_decays(spec))
-  moments = [_zeros((a, *jnp.shape(p))) for p in leaves] if a else ()
-  rows, cols = (), ()
-  if "adafactor" in spec.features:
-    shapes = [jnp.shape(p) for p in leaves]
-    rows = [_zeros((math.prod(s[:-1]),)) if _is_matrix(s) else _zeros(()) for s in shapes]
-    cols = [_zeros((s[-1],)) if _is_matrix(s) else _zeros(()) for s in shapes]
-  return FeatureState(
-      step=jnp.zeros((), jnp.int32),
-      num_steps=horizon_array(num_steps, required=spec.needs_horizon, who="this optimizer"),
-      moments=moments, rows=rows, cols=cols,
-      loss_ema=_zeros((len(spec.loss_decays),)), loss_first=_zeros(()))
-
-
-def moment_decays(spec: FeatureSpec) -> tuple[float, ...]:
-  """Decays of the rows of `FeatureState.moments`: the momenta's, then `rms_decay`."""
-  return ((spec.momentum_decays if spec.needs_momenta else ())
-          + ((spec.rms_decay,) if spec.needs_nu else ()))
-
-
-def moment_rows(spec: FeatureSpec) -> tuple[tuple[int, ...], Optional[int]]:
-  """Rows of `FeatureState.moments[i]`: one per momentum decay (empty if none is kept),
-  and the second moment's (None if not kept)."""
-  k = len(spec.momentum_decays) if spec.needs_momenta else 0
-  return tuple(range(k)), (k if spec.needs_nu else None)
-
-
-def momenta(spec: FeatureSpec, state: FeatureState, i: int) -> list:
-  """Leaf `i`'s K momenta (one array per decay in `spec.momentum_decays`)."""
-  if not spec.needs_momenta:
-    raise ValueError(f"features {spec.features} keep no momenta")
-  return [state.moments[i][r] for r in moment_rows(spec)[0]]
-
-
-def second_moment(spec: FeatureSpec, state: FeatureState, i: int) -> jax.Array:
-  """Leaf `i`'s EMA of the squared gradient (decay `spec.rms_decay`)."""
-  if not spec.needs_nu:
-    raise ValueError(f"features {spec.features} keep no second moment")
-  return state.moments[i][moment_rows(spec)[1]]
-
-
-def _advance_moments(spec: FeatureSpec, acc: jax.Array, g: jax.Array) -> jax.Array:
-  """All EMAs of one leaf in one elementwise expression over the stacked `[A, *shape]`.
-
-  Separate arrays cost one loop each, and each loop reads the gradient again (XLA:CPU
-  does not fuse sibling loops); a select on the row index keeps it one loop.
-  """
-  decays = jnp.asarray(moment_decays(spec), jnp.float32).reshape((-1,) + (1,) * g.ndim)
-  target = g[None]
-  if spec.needs_nu:
-    is_square = jnp.arange(acc.shape[0]).reshape(decays.shape) == acc.shape[0] - 1
-    target = jnp.where(is_square, jnp.square(g)[None], target)
-  return decays * acc + (1.0 - decays) * target
 
 
 def _newton_schulz(x: jax.Array) -> jax.Array:
@@ -267,7 +197,7 @@ def _leaf_features(spec: FeatureSpec, g, p, acc, r, c):
   shape = g.shape
   m = v = None
   if acc is not None:
-    acc = _advance_moments(spec, acc, g)
+    acc = advance_moments(spec, acc, g)
     if spec.needs_momenta:
       m = [acc[k] for k in range(len(spec.momentum_decays))]
     if spec.needs_nu:
@@ -365,20 +295,6 @@ def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
   return [jnp.asarray(eta, jnp.float32) * d for d in direction]
 
 
-def _previous_momentum_sums(sums: jax.Array, decay: float, step: jax.Array) -> jax.Array:
-  """[sum g^2, sum m^2, sum g m] with m the momentum BEFORE this step, from the same sums
-  over the momentum after it, `m_new = decay * m + (1 - decay) * g`.
-
-  Exact zeros at the first step (m = 0), where the algebra would leave float32 rounding.
-  """
-  gg, nn, gn = sums[0], sums[1], sums[2]
-  a = 1.0 - decay
-  gm = (gn - a * gg) / decay
-  mm = jnp.maximum(nn - 2.0 * a * gn + a * a * gg, 0.0) / (decay * decay)
-  first = step == 0
-  return jnp.stack([gg, jnp.where(first, 0.0, mm), jnp.where(first, 0.0, gm)])
-
-
 def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
             loss: Optional[jax.Array] = None,
             value_fn: Optional[Callable] = None,
@@ -437,7 +353,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
     ms = _mean_squares(sq)
     if cosine_momentum is not None:
       sums = ms[-3:] * math.prod(jnp.shape(raw[0]))
-      momentum_sums.append(_previous_momentum_sums(sums, decay, state.step)
+      momentum_sums.append(previous_momentum_sums(sums, decay, state.step)
                            if derive_old else sums)
       ms = ms[:-3]
     ms = ms + TINY

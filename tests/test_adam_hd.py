@@ -31,7 +31,7 @@ def _run(opt, params, loss_fn=_loss, steps=6):
 
 
 # HierarchicalLOpt derives the cosine's sums from the momentum after the step
-# (`features._previous_momentum_sums`): the same math as adam_hd, rounded differently.
+# (`feature_state.previous_momentum_sums`): the same math as adam_hd, rounded differently.
 _HD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
