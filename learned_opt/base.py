@@ -272,8 +272,9 @@ def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
   decays = spec.momentum_decays
   k = adam_momentum_index(spec)
   t = fstate.step.astype(jnp.float32)
-  m_hat = fstate.moments[leaf_index][k] / (1.0 - decays[k] ** t)
-  v_hat = fstate.moments[leaf_index][-1] / (1.0 - spec.rms_decay ** t)
+  from learned_opt import feature_state  # local: it imports this module
+  m_hat = feature_state.momenta(spec, fstate, leaf_index)[k] / (1.0 - decays[k] ** t)
+  v_hat = feature_state.second_moment(spec, fstate, leaf_index) / (1.0 - spec.rms_decay ** t)
   return m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
 
 

@@ -348,7 +348,7 @@ def compute(spec: FeatureSpec, grads, params, state: FeatureState, *,
       # Sums over this step's momentum, from which the previous one's follow: reading
       # the previous momentum here would make XLA copy the donated state.
       g = g_leaves[i]
-      m = accs[i][0][cosine_momentum] if derive_old else moments[i][cosine_momentum]
+      m = accs[i][0][cosine_momentum] if derive_old else momenta(spec, state, i)[cosine_momentum]
       sq += [g * g, m * m, g * m]
     ms = _mean_squares(sq)
     if cosine_momentum is not None:
