@@ -116,6 +116,28 @@ def test_elementwise_remainder_is_sound_and_sharp(rule, lo, hi):
     assert np.all((r_min - np.asarray(enc.lo))[seen] <= 0.02 * width[seen] + 1e-6)
 
 
+@pytest.mark.parametrize("rule,fn", [(ew.GELU, ew.gelu_tanh), (ew.SILU, ew.silu),
+                                     (ew.TANH, jnp.tanh), (ew.SOFTPLUS, jax.nn.softplus)])
+def test_written_out_derivatives_match_autodiff(rule, fn):
+  x = jnp.linspace(-8.0, 8.0, 20001)
+  deriv = fn
+  for order, mine in enumerate((rule.d1, rule.d2, rule.d3, rule.d4), start=1):
+    deriv = (lambda g: lambda v: jax.jvp(g, (v,), (jnp.ones_like(v),))[1])(deriv)
+    want = np.asarray(deriv(x))
+    np.testing.assert_allclose(np.asarray(mine(x)), want, rtol=0, atol=1e-12 * (1 + np.abs(want).max()),
+                               err_msg=f"{rule.name} derivative {order}")
+
+
+@pytest.mark.parametrize("rule", [ew.GELU, ew.SILU, ew.TANH, ew.EXP, ew.SQRT])
+def test_remainder_of_a_point_range_is_half_the_second_derivative(rule):
+  # lo = x0 = hi: the closed form would divide 0 by 0; the series must be the one used.
+  x0 = jnp.asarray([1.3 if rule.domain_min is not None else -1.3, 0.2, 0.7, 2.5])
+  f0, f1 = rule.value_and_slope(x0)
+  r = rule.remainder(x0, x0, x0, f0, f1)
+  np.testing.assert_allclose(np.asarray(r.lo), np.asarray(rule.d2(x0)) / 2, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(r.hi), np.asarray(rule.d2(x0)) / 2, rtol=1e-12)
+
+
 def test_kink_remainder_peaks_at_the_mirror_point():
   # relu at x0 = 1 over [-3, 2]: r(x) = -x / (x - 1)^2 on x < 0 peaks at x = -1, r = 1/4.
   x0 = jnp.asarray([1.0, 1.0])

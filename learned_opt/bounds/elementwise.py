@@ -89,8 +89,9 @@ class SmoothRule:
     if self.remainder_fn is not None:
       far = self.remainder_fn(x0, jnp.where(near, x0 + scale, x))
     else:
-      hs = jnp.where(near, jnp.ones_like(h), h)
-      far = (self.f(x0 + hs) - f0 - f1 * hs) / (hs * hs)
+      # f(x) at the range's ends is also what `image` computes: XLA evaluates it once.
+      # Near x0 this divides ~0 by ~0, and the series is selected instead.
+      far = (self.f(x) - f0 - f1 * h) / (h * h)
     return jnp.where(near, series, far)
 
   def remainder(self, x0, lo, hi, f0, f1, fence: Fn | None = None) -> Interval:
@@ -271,18 +272,6 @@ CUBE = PolyRule("cube", 3)
 RECIPROCAL = ReciprocalRule()
 
 
-def _derivative(fn: Fn) -> Fn:
-  """The elementwise derivative of an elementwise function (forward mode)."""
-  return lambda x: jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
-
-
-def _rule_by_autodiff(name: str, fn: Fn, **kwargs) -> SmoothRule:
-  d1 = _derivative(fn)
-  d2 = _derivative(d1)
-  d3 = _derivative(d2)
-  return SmoothRule(name, fn, d1, d2, d3, _derivative(d3), **kwargs)
-
-
 # jax.nn.gelu(approximate=True) = x/2 (1 + tanh(c (x + a x^3))). Its f'' is even, largest
 # at 0 and smallest at +-GELU_SPLIT (the roots of the third derivative), monotone in
 # between and beyond; f falls to its minimum at GELU_ARGMIN, then rises. Roots by Newton's
@@ -301,9 +290,47 @@ def silu(x):
   return x * jax.nn.sigmoid(x)
 
 
-GELU = _rule_by_autodiff("gelu", gelu_tanh, splits=(-GELU_SPLIT, 0.0, GELU_SPLIT),
-                         argmin=GELU_ARGMIN)
-SILU = _rule_by_autodiff("silu", silu, splits=(-SILU_SPLIT, 0.0, SILU_SPLIT), argmin=SILU_ARGMIN)
+# The derivatives of gelu and silu are written out (x s(x) with s = (1 + tanh(u)) / 2 or
+# the logistic: f^(k) = k s^(k-1) + x s^(k)), not taken by nested autodiff: four nested
+# jvps of the tanh chain gave XLA a few hundred operations per element, and the gelu
+# rule on a transformer's hidden layer cost 2.5x the tanh rule. tests/test_bounds.py
+# checks these against autodiff in float64.
+def _gelu_tanh_derivatives(x, order: int):
+  """(s^(order - 1), s^(order)) for s = (1 + tanh(u)) / 2, u = c (x + a x^3)."""
+  t = jnp.tanh(GELU_C * (x + GELU_A * x * x * x))
+  sech2 = 1 - t * t
+  u1 = GELU_C * (1 + 3 * GELU_A * x * x)
+  u2 = 6 * GELU_C * GELU_A * x
+  u3 = 6 * GELU_C * GELU_A
+  # tanh(u)' = sech2 u1; the higher ones are sech2 times a polynomial in t, u1, u2, u3.
+  p2 = u2 - 2 * t * u1 * u1
+  p3 = u3 - 6 * t * u1 * u2 + (6 * t * t - 2) * u1 * u1 * u1
+  p4 = (-6 * sech2 * u1 * u1 * u2 - 6 * t * (u2 * u2 + u1 * u3) + 12 * t * sech2 * u1 ** 4
+        + 3 * (6 * t * t - 2) * u1 * u1 * u2 - 2 * t * u1 * p3)
+  series = (0.5 * (1 + t), 0.5 * sech2 * u1, 0.5 * sech2 * p2, 0.5 * sech2 * p3, 0.5 * sech2 * p4)
+  return series[order - 1], series[order]
+
+
+def _logistic_derivatives(x, order: int):
+  """(s^(order - 1), s^(order)) for the logistic s."""
+  s = jax.nn.sigmoid(x)
+  q = s * (1 - s)
+  series = (s, q, q * (1 - 2 * s), q * (1 - 6 * q), q * (1 - 2 * s) * (1 - 12 * q))
+  return series[order - 1], series[order]
+
+
+def _x_times(derivatives: Callable, order: int) -> Fn:
+  """The order-th derivative of x s(x): order s^(order-1) + x s^(order)."""
+  def d(x):
+    lower, same = derivatives(x, order)
+    return order * lower + x * same
+  return d
+
+
+GELU = SmoothRule("gelu", gelu_tanh, *(_x_times(_gelu_tanh_derivatives, k) for k in (1, 2, 3, 4)),
+                  splits=(-GELU_SPLIT, 0.0, GELU_SPLIT), argmin=GELU_ARGMIN)
+SILU = SmoothRule("silu", silu, *(_x_times(_logistic_derivatives, k) for k in (1, 2, 3, 4)),
+                  splits=(-SILU_SPLIT, 0.0, SILU_SPLIT), argmin=SILU_ARGMIN)
 
 
 def log1p_rule() -> SmoothRule:
