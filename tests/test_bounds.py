@@ -187,6 +187,35 @@ def test_small_functions_are_enclosed(name, fn):
   assert np.isfinite(float(b_small.remainder.hi)) and np.isfinite(float(b_small.remainder.lo))
 
 
+def test_custom_vjp_is_inlined_and_one_hot_eq_is_constant():
+  """A custom_vjp function's primal is enclosed like the plain function (it has no jvp,
+  so the plain one carries the soundness check), and a one-hot built from iota == label
+  is a constant mask."""
+  @jax.custom_vjp
+  def softexp(v):
+    return jnp.exp(v) / (1 + v * v)
+
+  softexp.defvjp(lambda v: (softexp(v), v), lambda v, g: (g * jnp.exp(v),))
+  labels = jnp.asarray([2, 5, 0])
+
+  def loss(custom):
+    def fn(v):
+      y = softexp(v) if custom else jnp.exp(v) / (1 + v * v)
+      one_hot = (jnp.arange(7)[None, :] == labels[:, None]).astype(v.dtype)
+      return jnp.sum(one_hot * jnp.stack([y, v * y, y[::-1]]))
+    return fn
+
+  x0, d = _vec(0), _vec(1)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(loss(True))(x0))
+  assert " eq " in str(jax.make_jaxpr(loss(True))(x0))
+  plain, _, _ = check_sound(loss(False), x0, d, 0.3)
+  custom = taylor_bounds(loss(True), x0, d, 0.3)
+  for a, b in [(custom.value, plain.value), (custom.slope, plain.slope),
+               (custom.remainder.lo, plain.remainder.lo), (custom.remainder.hi, plain.remainder.hi)]:
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-12)
+  assert np.isfinite(float(custom.remainder.hi)) and float(custom.remainder.hi) > float(custom.remainder.lo)
+
+
 def test_gelu_and_silu_chains_get_one_sharp_rule():
   from learned_opt.bounds import fusion
   for fn, rule, n in ((jax.nn.gelu, ew.GELU, 8), (jax.nn.silu, ew.SILU, 2)):

@@ -59,7 +59,7 @@ def test_learned_lr_trains_a_flax_linen_model():
   assert float(loss_fn(params)) < 1e-2 * first
 
 
-@pytest.mark.parametrize("make", [lo.PerParamMLP, lo.HierarchicalLOpt])
+@pytest.mark.parametrize("make", [lo.PerParamMLP, lo.PerParamLSTM, lo.HierarchicalLOpt])
 def test_nnx_state_and_bfloat16_params(make):
   model = nnx.Linear(4, 2, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
   params = nnx.state(model, nnx.Param)
@@ -81,6 +81,14 @@ def test_key_defaults_are_reproducible_and_errors_are_clear():
   lopt = lo.PerParamMLP(features=("grad",))
   tx = lo.to_optax(lopt, lopt.init_meta_params(jax.random.key(0)))
   params = {"w": jnp.ones((3,))}
+  grads = {"w": jnp.asarray([0.5, -1.0, 2.0])}
+  # No key, the same key, or another key: deterministic optimizers give one update.
+  u_none, _ = tx.update(grads, tx.init(params), params)
+  u_key, _ = tx.update(grads, tx.init(params), params, key=jax.random.key(1))
+  u_other, _ = tx.update(grads, tx.init(params), params, key=jax.random.key(2))
+  assert float(jnp.abs(u_none["w"]).max()) > 0
+  np.testing.assert_array_equal(u_none["w"], u_key["w"])
+  np.testing.assert_array_equal(u_key["w"], u_other["w"])
   with pytest.raises(ValueError, match="params"):
     tx.update(params, tx.init(params))
   with pytest.raises(TypeError, match="LearnedOptimizer"):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import learned_opt as lo
 
@@ -55,13 +56,16 @@ def _pass_through_mlp(lopt, direction_channel):
   return theta, spec
 
 
-def test_mlp_reduces_to_sgd():
-  lopt = lo.PerParamMLP(exp_mult=A, step_mult=0.01)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_mlp_reduces_to_sgd(weight_decay):
+  lopt = lo.PerParamMLP(exp_mult=A, step_mult=0.01, weight_decay=weight_decay)
   theta, spec = _pass_through_mlp(lopt, "grad")
   t = spec.tensor_names().index("log_rms/grad")
   theta["w_tensor"] = theta["w_tensor"].at[t, 2].set(1.0).at[t, 3].set(-1.0)
   theta["out"]["w"] = theta["out"]["w"].at[2, 1].set(1.0 / A).at[3, 1].set(-1.0 / A)
-  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(lambda x: -0.01 * x, g))
+  params, _ = _params_and_grads()
+  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(
+      lambda x, p: -0.01 * x - 0.01 * weight_decay * p, g, params))
 
 
 def test_mlp_reduces_to_per_tensor_normalized_momentum():
@@ -89,8 +93,9 @@ def test_lstm_reduces_to_sgd_with_decoupled_weight_decay():
   _assert_rule(lopt, theta, lambda g, t: jax.tree.map(lambda x, p: -0.01 * x - 0.01 * 0.5 * p, g, params))
 
 
-def test_hierarchical_reduces_to_sgd():
-  lopt = lo.HierarchicalLOpt(exp_mult=A, step_mult=0.01, num_mlps=4)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_hierarchical_reduces_to_sgd(weight_decay):
+  lopt = lo.HierarchicalLOpt(exp_mult=A, step_mult=0.01, num_mlps=4, weight_decay=weight_decay)
   theta = _zeros_like(lopt.init_meta_params(jax.random.key(0)))
   spec = lopt.spec
   c = spec.param_names().index("grad")
@@ -104,7 +109,9 @@ def test_hierarchical_reduces_to_sgd():
   k = lopt.num_mlps
   theta["head"]["w_in"] = theta["head"]["w_in"].at[
       spec.tensor_names().index("log_rms/grad"), k].set(1.0).at[n_t, k].set(-1.0)
-  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(lambda x: -0.01 * x, g))
+  params, _ = _params_and_grads()
+  _assert_rule(lopt, theta, lambda g, t: jax.tree.map(
+      lambda x, p: -0.01 * x - 0.01 * weight_decay * p, g, params))
 
 
 def test_learned_lr_adam_equals_optax_adam():

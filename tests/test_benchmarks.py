@@ -1,0 +1,59 @@
+"""The benchmark scripts run end to end at small sizes, and their floors count right."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+_BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_BENCH))
+import lopt_step  # noqa: E402
+
+
+def test_transcendental_counts_walk_sub_jaxprs():
+  @jax.jit
+  def f(x):
+    inner = jax.jit(lambda y: jnp.exp(y[:3]).sum())
+    return jnp.tanh(x).sum() + inner(x) + jax.nn.sigmoid(x[:2]).sum() + jnp.sqrt(x * x + 1).sum()
+
+  counts = lopt_step.transcendental_counts(f, jnp.ones((10,)))
+  assert counts == {"tanh": 10, "exp": 3, "logistic": 2, "sqrt": 10}
+
+
+def test_least_step_bytes_counts_params_grads_and_state():
+  params = {"w": jnp.zeros((4, 5)), "b": jnp.zeros((5,), jnp.bfloat16)}
+  state = (jnp.zeros((4, 5)), jnp.zeros((), jnp.int32))
+  # params read + written and grads written + read: 4 x (80 + 10); state: 2 x (80 + 4).
+  assert lopt_step.least_step_bytes(params, state) == 4 * 90 + 2 * 84
+
+
+def _run(args, tmp_path):
+  out = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_lopt_step_runs_and_reports_both_floors(tmp_path):
+  stdout = _run([str(_BENCH / "lopt_step.py"), "--model", "mlp", "--rounds", "1", "--iters", "1",
+                 "--optimizers", "hierarchical", "--json", "out.json"], tmp_path)
+  result = json.loads((tmp_path / "out.json").read_text())
+  rows = {r["optimizer"]: r for r in result["models"][0]["rows"]}
+  assert set(rows) == {"adam", "hierarchical"} and "x roof" in stdout
+  for r in rows.values():
+    assert r["ms_per_step"] > 0 and r["floor_ms"] > 0
+    # The roofline adds transcendentals to the FLOP floor (or is traffic-bound): never lower.
+    assert r["roofline_ms"] >= r["floor_ms"]
+  assert rows["adam"]["transcendentals_per_param"] >= 1.0   # Adam's sqrt of v
+
+
+@pytest.mark.slow
+def test_saferate_speed_benchmark_runs(tmp_path):
+  stdout = _run([str(_BENCH / "saferate.py"), "--part", "speed", "--speed-tasks", "mlp_synthetic",
+                 "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
+  ratio = float(stdout.split("SafeRate[Adam] / Adam = ")[1].split("x")[0])
+  assert 1.0 < ratio < 20.0
