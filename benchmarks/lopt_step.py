@@ -12,13 +12,14 @@ this machine's dense-matmul rate (measured here, same run). `x floor` = measured
 time / floor: how far the step is from running all its FLOPs at matmul speed.
 
 The FLOP floor counts neither memory traffic nor transcendentals (a per-parameter LSTM
-evaluates 5 sigmoids/tanhs per hidden unit and coordinate; an exp or tanh costs this
-CPU ~10-20x a multiply-add), so `roofline ms` is a second, reachable floor:
+evaluates 5 sigmoids/tanhs per hidden unit and coordinate; a tanh or exp costs this
+CPU ~30x an elementwise multiply-add), so `roofline ms` is a second, reachable floor:
 max(compute, traffic), with compute = the FLOP floor + the step's transcendentals (each
 primitive's elements in the step's jaxpr / this machine's rate for it), and traffic =
 the bytes a step must move at the least (parameters read and written, gradients written
-and read, optimizer state read and written, once each) / this machine's streaming
-bandwidth (the best of 4-64 MB working sets; both rates measured here, same run). `x roof` = step time / that floor.
+and read, optimizer state read and written, once each; the model's activations are not
+counted) / this machine's streaming bandwidth (the best of 4-64 MB working sets; both
+rates measured here, same run). `x roof` = step time / that floor.
 
 Every step is compiled with `learned_opt.compiler_options()` (on CPU: XLA's YNNPACK dot
 fusion, which runs the per-coordinate networks as one kernel, and 512-bit vectors where
@@ -113,7 +114,8 @@ def transcendental_rates(n: int = 1 << 16, chain: int = 32) -> dict:
 
 def transcendental_counts(jitted, *args) -> dict:
   """Elements produced by each transcendental primitive in a jitted function's jaxpr
-  (sub-jaxprs included): what the algorithm evaluates, before XLA duplicates anything into fusions."""
+  (sub-jaxprs included): what the algorithm evaluates, before XLA duplicates anything
+  into fusions."""
   counts = {}
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
@@ -247,7 +249,8 @@ def bench(name, problem, rates, rounds, iters, opts, options):
                  "net_flop_per_param": per_param, "floor_ms": 1e3 * floor, "x_floor": t / floor,
                  "transcendentals_per_param": n_transc / n_params,
                  "transcendentals": transcendentals[opt_name],
-                 "least_bytes": traffic[opt_name], "roofline_ms": 1e3 * roof, "x_roofline": t / roof})
+                 "least_bytes": traffic[opt_name], "roofline_ms": 1e3 * roof,
+                 "x_roofline": t / roof})
   return {"model": name, "params": n_params, "model_gflop": model_flops / 1e9, "rows": rows}
 
 
@@ -279,14 +282,16 @@ def main():
   options = {} if args.xla_defaults else lo.compiler_options()
   print(f"compiler options: {options or 'XLA defaults'}")
   out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-         "matmul_gflop_per_s": rate / 1e9,
-         "stream_gb_per_s": bandwidth / 1e9, "transcendental_g_per_s": {k: v / 1e9 for k, v in trate.items()}, "compiler_options": options, "models": []}
+         "matmul_gflop_per_s": rate / 1e9, "stream_gb_per_s": bandwidth / 1e9,
+         "transcendental_g_per_s": {k: v / 1e9 for k, v in trate.items()},
+         "compiler_options": options, "models": []}
+  rates = (rate, bandwidth, trate)
   if args.model in ("mlp", "all"):
-    out["models"].append(bench("MLP 784-1024-256-10, batch 128", mlp_problem, (rate, bandwidth, trate),
+    out["models"].append(bench("MLP 784-1024-256-10, batch 128", mlp_problem, rates,
                                args.rounds, args.iters, opts, options))
   if args.model in ("transformer", "all"):
     out["models"].append(bench("transformer LM d=128 x2 (tasks.TransformerLMFamily)",
-                               transformer_problem, (rate, bandwidth, trate), args.rounds, args.iters, opts, options))
+                               transformer_problem, rates, args.rounds, args.iters, opts, options))
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(out, fh, indent=1)
