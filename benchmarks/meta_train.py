@@ -27,9 +27,9 @@ import jax.numpy as jnp
 
 import learned_opt
 from learned_opt import tasks
-from learned_opt.meta_train import unroll
-from learned_opt.meta_train.pes import PES
-from learned_opt.meta_train.truncation import ConstantTruncation
+from learned_opt.meta_train.inner import unroll
+from learned_opt.meta_train.estimators.pes import PES
+from learned_opt.meta_train.estimators.truncation import ConstantTruncation
 
 LAYOUTS = {"vmap": ("vmap", None), "map": ("map", None), "map2": ("map", 2)}
 

@@ -1,7 +1,7 @@
 """Tuned Muon vs tuned Adam on the small transformer LM: steps to reach Adam's final loss.
 
 Both optimizers are tuned at the same horizon (`--steps`, default 1,000) over their own
-log-spaced learning-rate grid with `learned_opt.baselines.tune_learning_rate` (one
+log-spaced learning-rate grid with `learned_opt.meta_train.tune_learning_rate` (one
 vmapped, jitted program per optimizer; same initialization and minibatches for every run).
 Muon's Adam part (embeddings, head, biases, norms) uses tuned Adam's learning rate, so the
 tuning compares what Muon changes: the hidden weight matrices. The target is Adam's loss
@@ -26,8 +26,10 @@ import jax
 import numpy as np
 import optax
 
+from learned_opt import meta_train
 from learned_opt import tasks
-from learned_opt.baselines import muon, tune_learning_rate
+from learned_opt.baselines import muon
+from learned_opt.meta_train import tune_learning_rate
 
 # Half a decade apart, around where each landed on this task (GPU runs at batch 32: Adam
 # 3e-3, Muon 3e-3 to 1e-2 with a flat optimum; Muon at 1e-1 and above far worse).
@@ -56,7 +58,7 @@ def steps_to_reach(curve: np.ndarray, target: float, window: int) -> int | None:
 
 def seconds_per_step(task, optimizer, num_steps: int) -> float:
   """Best of 2 timed runs of `tasks.train` after one compiling run."""
-  run = lambda seed: tasks.train(task, optimizer, num_steps=num_steps, key=jax.random.key(seed))
+  run = lambda seed: meta_train.train(task, optimizer, num_steps=num_steps, key=jax.random.key(seed))
   jax.block_until_ready(run(0))
   best = float("inf")
   for seed in (1, 2):

@@ -37,11 +37,11 @@ import numpy as np
 import optax
 import ray
 
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train.cli_meta import resolve_config_path
-from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
-from learned_opt.meta_train.outer import MetaTrainer
-from learned_opt.meta_train.ray_pool import SINGLE_THREAD_ENV, RayMetaTrainer, connect
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.cli.meta import resolve_config_path
+from learned_opt.meta_train.estimators.base import COUNT_NAMES, GradEstimate
+from learned_opt.meta_train.learner.outer import MetaTrainer
+from learned_opt.meta_train.distributed.pool import SINGLE_THREAD_ENV, RayMetaTrainer, connect
 
 
 # ---- part 1 ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import time
 import jax
 import optax
 
+from learned_opt import meta_train
 from learned_opt import tasks
 
 BATCH = 128
@@ -28,7 +29,7 @@ def steps_per_second(family, num_steps: int) -> tuple[float, int]:
   params = task.init(jax.random.key(0))
   num_params = sum(x.size for x in jax.tree.leaves(params))
   optimizer = optax.adam(1e-3)  # one instance: train() recompiles for a new optimizer object
-  run = lambda key: tasks.train(task, optimizer, num_steps=num_steps, key=key)
+  run = lambda key: meta_train.train(task, optimizer, num_steps=num_steps, key=key)
   jax.block_until_ready(run(jax.random.key(0)))  # compile
   best = float("inf")
   for seed in range(1, 3):

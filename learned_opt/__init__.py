@@ -1,7 +1,12 @@
-"""lopt: learned optimizers on JAX, usable as optax transforms."""
-__version__ = "0.1.0"
+"""lopt: learned optimizers on JAX, usable as optax transforms.
 
+`import learned_opt` loads what an optax user needs (architectures, checkpoints,
+baselines, the optax adapter); tasks (`learned_opt.tasks`) and meta-training
+(`learned_opt.meta_train`) load only when imported themselves.
+"""
 import os as _os
+
+from learned_opt.version import __version__
 
 
 def _map_source_checkout():
@@ -33,3 +38,4 @@ from learned_opt.hierarchical import HierarchicalLOpt
 from learned_opt.lstm_lopt import PerParamLSTM
 from learned_opt.mlp_lopt import PerParamMLP
 from learned_opt.optax_adapter import to_optax
+from learned_opt.registry import ARCHITECTURES, get_architecture, register_architecture

@@ -9,8 +9,8 @@ One file holds one learned optimizer:
     weights: msgpack of the meta-parameters (`flax.serialization.msgpack_serialize` of a
              nested dict of numpy arrays)
 
-No pickle and no imports by name: the architecture is rebuilt from the fixed mapping
-`ARCHITECTURES` (header name -> class) and its JSON config, and the weights are plain
+No pickle and no imports by name: the architecture is rebuilt from the registry
+(`learned_opt.registry.ARCHITECTURES`, header name -> class) and its JSON config, and the weights are plain
 arrays checked leaf by leaf against the shapes the architecture expects. Loading
 therefore runs no code from the file. The SHA-256 of the weights detects corruption.
 """
@@ -29,17 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from learned_opt.base import LearnedLR, LearnedOptimizer
-from learned_opt.hierarchical import HierarchicalLOpt
-from learned_opt.lstm_lopt import PerParamLSTM
-from learned_opt.mlp_lopt import PerParamMLP
+from learned_opt import registry
+from learned_opt.base import LearnedOptimizer
 from learned_opt.optax_adapter import to_optax
+from learned_opt.version import __version__
 
 MAGIC = b"LOPTCKPT"
 FORMAT_VERSION = 1
 EXTENSION = ".lopt"
-ARCHITECTURES: dict[str, type] = {
-    cls.name: cls for cls in (LearnedLR, PerParamMLP, PerParamLSTM, HierarchicalLOpt)}
+ARCHITECTURES = registry.ARCHITECTURES  # the one registry (same dict)
 
 
 class CheckpointError(ValueError):
@@ -47,8 +45,7 @@ class CheckpointError(ValueError):
 
 
 def _version() -> str:
-  import learned_opt
-  return getattr(learned_opt, "__version__", "unknown")
+  return __version__
 
 
 def _to_numpy_tree(meta_params):
@@ -62,14 +59,12 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params,
 
   Args:
     path: destination file; by convention it ends in `.lopt`.
-    lopt: the architecture; its class must be in `ARCHITECTURES`.
+    lopt: the architecture; its class must be registered (`learned_opt.registry`).
     meta_params: its meta-parameters (must match `lopt.init_meta_params` in structure
       and shapes).
     info: JSON-able provenance, e.g. {"config": ..., "code_version": ..., "meta_steps": ...}.
   """
-  if not isinstance(lopt, LearnedOptimizer) or ARCHITECTURES.get(lopt.name) is not type(lopt):
-    raise ValueError(f"cannot save {type(lopt).__name__}: architectures that can be saved "
-                     f"are {sorted(ARCHITECTURES)}")
+  registry.check_registered(lopt)
   _check_weights(lopt, serialization.to_state_dict(meta_params), where="save")
   weights = serialization.msgpack_serialize(_to_numpy_tree(meta_params))
   header = {

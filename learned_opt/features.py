@@ -52,6 +52,7 @@ import jax.numpy as jnp
 
 from learned_opt import _sums
 from learned_opt.base import sanitize
+from learned_opt.baselines import saferate as saferate_lib
 # The state's types and accessors are part of this module's API (re-exported).
 from learned_opt.feature_state import (FeatureState, advance_moments,  # noqa: F401
                                        init_state, is_matrix, moment_decays, moment_rows,
@@ -286,12 +287,11 @@ def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
   if value_fn is None:
     raise ValueError("the 'saferate' feature needs the loss as a function of the params: "
                      "pass update(..., value_fn=params -> loss)")
-  from learned_opt.baselines import saferate_step  # local: baselines may import us later
   direction = [-m[spec.saferate_index] * jax.lax.rsqrt(v + TINY) for m, v, *_ in accs]
   leaves, treedef = jax.tree.flatten(params)
   direction_tree = jax.tree.unflatten(
       treedef, [d.astype(jnp.asarray(p).dtype) for d, p in zip(direction, leaves)])
-  eta, _ = saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
+  eta, _ = saferate_lib.saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
   return [jnp.asarray(eta, jnp.float32) * d for d in direction]
 
 

@@ -178,7 +178,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
   except ImportError as e:  # tfds is optional on accelerator images
     raise DatasetNotFoundError(f"dataset {name!r} needs tensorflow-datasets (pip install "
-                               f"tensorflow-datasets) or local files under ${DATA_DIR_ENV}") from e
+                               f"'lopt[tfds]') or local files under ${DATA_DIR_ENV}") from e
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as e:  # tfds raises several types for "not prepared"

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train.runner import run_meta_training
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run.runner import run_meta_training
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.augment import ParamScaleFamily
 

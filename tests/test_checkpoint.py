@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from learned_opt import meta_train
 import learned_opt as lo
 from learned_opt import checkpoint
 
@@ -115,7 +116,7 @@ def test_shipped_optimizers_train_a_task():
   from learned_opt import tasks
   task = tasks.get_family("logreg_synthetic").task()
   for name in lo.list_pretrained():
-    result = tasks.train(task, lo.load_pretrained(name, num_steps=150), num_steps=150,
+    result = meta_train.train(task, lo.load_pretrained(name, num_steps=150), num_steps=150,
                          key=jax.random.key(0))
     first, last = float(result.losses[0]), float(result.final_loss)
     assert jnp.isfinite(last) and last < 0.5 * first, (name, first, last)

@@ -8,11 +8,16 @@ import numpy as np
 import optax
 import pytest
 
+from learned_opt import meta_train
 import learned_opt as lo
 from learned_opt import baselines, tasks
-from learned_opt.meta_train import cli, eval_metrics as M, eval_optimizers, eval_suites
-from learned_opt.meta_train import evaluation, report
-from learned_opt.tasks.registry import SuiteTask
+from learned_opt.meta_train import cli
+from learned_opt.meta_train.eval import metrics as M
+from learned_opt.meta_train.eval import candidates as eval_optimizers
+from learned_opt.tasks import suites as eval_suites
+from learned_opt.meta_train.eval import evaluation
+from learned_opt.meta_train.eval import report
+from learned_opt.tasks.suites import SuiteTask
 
 
 def _quad_suite(steps=30, full_batch=True):
@@ -69,7 +74,7 @@ def test_run_grid_matches_tasks_train_and_does_not_recompile():
   losses, final_train, final_test = run()
   assert losses.shape == (2, 2, 20) and final_train.shape == (2, 2) and final_test.shape == (2, 2)
   # Same key, same lr -> the same batches and losses as the project's train loop.
-  ref = tasks.train(task, optax.adam(0.1), num_steps=20, key=keys[1])
+  ref = meta_train.train(task, optax.adam(0.1), num_steps=20, key=keys[1])
   np.testing.assert_allclose(losses[1, 1], ref.losses, rtol=1e-5)
   assert float(final_train[1, 1]) < float(losses[1, 1, 0])  # it trained
   traces = evaluation.TRACE_COUNT[0]
@@ -85,7 +90,7 @@ def test_prodigy_baseline_is_optax_prodigy_without_a_grid():
   assert cand.grid == () and cand.kind == "hyperparameter-free" and "prodigy" in eval_optimizers.BASELINES
   losses, final_train, _ = evaluation.run_grid(task, jnp.zeros((1,)), keys, None, make=cand.make,
                                                num_steps=40, full_batch=True)
-  ref = tasks.train(task, optax.contrib.prodigy(1.0), num_steps=40, key=keys[0], full_batch=True)
+  ref = meta_train.train(task, optax.contrib.prodigy(1.0), num_steps=40, key=keys[0], full_batch=True)
   np.testing.assert_allclose(losses[0, 0], ref.losses, rtol=1e-5)
   assert float(final_train[0, 0]) < 0.5 * float(losses[0, 0, 0])  # it trained, with no lr given
 
@@ -97,9 +102,9 @@ def test_adam_hd_baseline_is_hypergradient_adam_without_a_grid():
   assert cand.grid == () and cand.kind == "hyperparameter-free" and "adam_hd" in eval_optimizers.BASELINES
   losses, _, _ = evaluation.run_grid(task, jnp.zeros((1,)), keys, None, make=cand.make,
                                      num_steps=40, full_batch=True)
-  ref = tasks.train(task, baselines.adam_hd(3e-3), num_steps=40, key=keys[0], full_batch=True)
+  ref = meta_train.train(task, baselines.adam_hd(3e-3), num_steps=40, key=keys[0], full_batch=True)
   np.testing.assert_allclose(losses[0, 0], ref.losses, rtol=1e-5)
-  plain = tasks.train(task, optax.adam(3e-3), num_steps=40, key=keys[0], full_batch=True)
+  plain = meta_train.train(task, optax.adam(3e-3), num_steps=40, key=keys[0], full_batch=True)
   assert float(losses[0, 0, -1]) < float(plain.losses[-1])   # its rate grew past 3e-3
 
 
@@ -152,12 +157,11 @@ def test_rescaled_family_same_loss_at_rescaled_params():
 
 
 def test_suites_are_disjoint_from_meta_training_and_short_suite_is_short():
-  from learned_opt.tasks import registry
-  assert len(registry.HELDOUT_SUITE) >= 8
-  assert not set(registry.HELDOUT_SUITE) & set(registry.META_TRAIN_FAMILIES)
+  assert len(eval_suites.HELDOUT_SUITE) >= 8
+  assert not set(eval_suites.HELDOUT_SUITE) & set(tasks.META_TRAIN_FAMILIES)
   short = eval_suites.get_suite("heldout_short")
-  assert set(short) <= set(registry.HELDOUT_SUITE)
-  assert all(t.num_steps <= registry.HELDOUT_SUITE[n].num_steps for n, t in short.items())
+  assert set(short) <= set(eval_suites.HELDOUT_SUITE)
+  assert all(t.num_steps <= eval_suites.HELDOUT_SUITE[n].num_steps for n, t in short.items())
   both = eval_suites.get_suite("heldout_short+safeguard")
   assert len(both) == len(short) + len(eval_suites.SAFEGUARD_SUITE)
   assert all(t.full_batch for t in eval_suites.SAFEGUARD_SUITE.values())
@@ -181,7 +185,7 @@ def test_bad_names_fail_clearly(capsys):
 
 
 def test_ship_writes_provenance_header(tmp_path):
-  from learned_opt.meta_train import ship
+  from learned_opt.meta_train.run import ship
   run = tmp_path / "run"
   run.mkdir()
   lopt = lo.PerParamMLP(hidden_sizes=(4,))
@@ -222,7 +226,7 @@ def _backtracking_safeguard(direction):
 
 
 def test_safeguarded_candidates_are_monotone_on_full_batch(tmp_path, monkeypatch):
-  monkeypatch.setattr(eval_optimizers, "_saferate_module", lambda: _backtracking_safeguard)
+  monkeypatch.setattr(eval_optimizers, "safeguard", _backtracking_safeguard)
   lopt = lo.PerParamMLP(hidden_sizes=(4,), step_mult=1.0)  # huge steps: the plain one blows up
   path = str(tmp_path / "big.lopt")
   lo.save(path, lopt, lopt.init_meta_params(jax.random.key(0)))

@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from learned_opt.meta_train import unroll
-from learned_opt.meta_train.pes import PES
-from learned_opt.meta_train.truncated_es import TruncatedES
-from learned_opt.meta_train.truncation import ConstantTruncation, LogUniformTruncation
+from learned_opt.meta_train.inner import unroll
+from learned_opt.meta_train.estimators.pes import PES
+from learned_opt.meta_train.estimators.truncated_es import TruncatedES
+from learned_opt.meta_train.estimators.truncation import ConstantTruncation, LogUniformTruncation
 from learned_opt.tasks import QuadraticFamily
 from test_meta_lopts import LearnedStepSize
 

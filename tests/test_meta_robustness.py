@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from learned_opt.meta_train.estimator_base import _jit_estimate, combine_estimates
-from learned_opt.meta_train.pes import PES
-from learned_opt.meta_train.truncated_es import TruncatedES
-from learned_opt.meta_train.truncation import ConstantTruncation
+from learned_opt.meta_train.estimators.base import _jit_estimate, combine_estimates
+from learned_opt.meta_train.estimators.pes import PES
+from learned_opt.meta_train.estimators.truncated_es import TruncatedES
+from learned_opt.meta_train.estimators.truncation import ConstantTruncation
 from learned_opt.tasks import QuadraticFamily
 from test_meta_lopts import LearnedStepSize
 

@@ -9,12 +9,13 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train import run_checkpoint
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run import checkpoint as run_checkpoint
 from learned_opt.meta_train.cli import main
-from learned_opt.meta_train.estimator_base import GradEstimate
-from learned_opt.meta_train.outer import MetaTrainer, apply_estimate, init_learner, make_outer_optimizer
-from learned_opt.meta_train.runner import run_meta_training
+from learned_opt.meta_train.estimators.base import GradEstimate
+from learned_opt.meta_train.learner.outer import apply_estimate, init_learner, make_outer_optimizer
+from learned_opt.meta_train.learner.trainer import MetaTrainer
+from learned_opt.meta_train.run.runner import run_meta_training
 
 # A seconds-long run: learned SGD step size on 32-d quadratics.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",

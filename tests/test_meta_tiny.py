@@ -9,10 +9,11 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train.metrics import read_metrics
-from learned_opt.meta_train.runner import build_trainer, run_meta_training
-from learned_opt.tasks import get_family, train
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run.metrics import read_metrics
+from learned_opt.meta_train.run.runner import build_trainer, run_meta_training
+from learned_opt.meta_train import train
+from learned_opt.tasks import get_family
 
 SGD_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import learned_opt as lo
-from learned_opt.meta_train.pes import PES
-from learned_opt.meta_train.truncation import ConstantTruncation
+from learned_opt.meta_train.estimators.pes import PES
+from learned_opt.meta_train.estimators.truncation import ConstantTruncation
 from learned_opt.tasks import QuadraticFamily
 
 

@@ -17,8 +17,8 @@ import optax
 import pytest
 
 from learned_opt.meta_train import cli
-from learned_opt.meta_train.metrics import read_metrics
-from learned_opt.tasks import registry
+from learned_opt.meta_train.run.metrics import read_metrics
+from learned_opt.tasks import registry, suites
 
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 SUITE = "heldout_offline"
@@ -27,7 +27,7 @@ SUITE = "heldout_offline"
 def _check_results(eval_dir: pathlib.Path, learned: str) -> dict:
   """Every suite task has finite final losses for tuned Adam and the learned optimizer."""
   results = json.loads((eval_dir / "results.json").read_text())
-  assert list(results["tasks"]) == list(registry.SUITES[SUITE])
+  assert list(results["tasks"]) == list(suites.SUITES[SUITE])
   for name, task in results["tasks"].items():
     for opt in ("adam", learned):
       r = task["optimizers"][opt]
@@ -41,7 +41,7 @@ def _check_results(eval_dir: pathlib.Path, learned: str) -> dict:
 
 @pytest.mark.slow
 def test_suite_is_offline_held_out_and_builds_without_data_files():
-  suite = registry.SUITES[SUITE]
+  suite = suites.SUITES[SUITE]
   assert 4 <= len(suite) <= 6
   assert all(t.data == "offline" for t in suite.values())
   assert not set(suite) & set(registry.META_TRAIN_FAMILIES)
@@ -68,9 +68,9 @@ def test_quickstart_path_reduced(tmp_path, monkeypatch, capsys):
   # The suite at a few inner steps per task, and only its quadratic tasks: compiling
   # the MLP tasks' training loops takes minutes on a loaded 2-core machine (the slow
   # test below evaluates every task at full size).
-  short = {n: dataclasses.replace(t, num_steps=3) for n, t in registry.SUITES[SUITE].items()
+  short = {n: dataclasses.replace(t, num_steps=3) for n, t in suites.SUITES[SUITE].items()
            if n.startswith("quadratic")}
-  monkeypatch.setitem(registry.SUITES, SUITE, short)
+  monkeypatch.setitem(suites.SUITES, SUITE, short)
   out = tmp_path / "eval"
   assert cli.main(["eval", "--optimizer", str(run / "final.lopt"), "--suite", SUITE,
                    "--seeds", "1", "--baselines", "adam", "--lr-grid", "0.001,0.01",

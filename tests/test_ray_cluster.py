@@ -9,8 +9,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
 
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train.ray_pool import RayMetaTrainer
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.distributed.pool import RayMetaTrainer
 
 # A learned step size on 32-d quadratics: the meta-loss falls from ~1 to ~0.1 in 16 steps.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",

@@ -13,15 +13,15 @@ ray = pytest.importorskip("ray")
 
 from flax import serialization
 
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train import run_checkpoint
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run import checkpoint as run_checkpoint
 from learned_opt.meta_train.cli import main
-from learned_opt.meta_train.outer import MetaTrainer
-from learned_opt.meta_train.runner import run_meta_training
-from learned_opt.meta_train.ray_pool import RayMetaTrainer, RayPools, from_host, to_host
-from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate, combine_estimates
-from learned_opt.meta_train.ray_scheduler import assign_shards, gather_rows, make_shards
-from learned_opt.meta_train.ray_worker import RowLayout
+from learned_opt.meta_train.learner.trainer import MetaTrainer
+from learned_opt.meta_train.run.runner import run_meta_training
+from learned_opt.meta_train.distributed.pool import RayMetaTrainer, RayPools, from_host, to_host
+from learned_opt.meta_train.estimators.base import COUNT_NAMES, GradEstimate, combine_estimates
+from learned_opt.meta_train.distributed.scheduler import assign_shards, gather_rows, make_shards
+from learned_opt.meta_train.distributed.worker import RowLayout
 
 # A learned step size on 32-d quadratics (4 tasks, 5-step truncations): short compiles.
 QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]", "truncation.horizon=20",

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from learned_opt import meta_train
 from learned_opt import tasks
 from conftest import shared_data_dir
 
@@ -34,7 +35,7 @@ def test_adam_lowers_loss_by_30_percent_in_200_steps(name):
   task = _family(name).task()
   lr = ADAM_LR[name.split("_")[0]]
   key = jax.random.key(0)
-  result = tasks.train(task, optax.adam(lr), num_steps=200, key=key)
+  result = meta_train.train(task, optax.adam(lr), num_steps=200, key=key)
   params0 = task.init(jax.random.split(key)[0])  # the same init as train()
   full = task.full_batch()
   before, after = float(task.loss(params0, key, full)), float(task.loss(result.params, key, full))
@@ -103,7 +104,7 @@ def test_normalizer_is_finite_and_bounded(loss, expected):
 def test_mlp_on_mnist_files_reaches_90_percent(data_dir):
   family = tasks.get_family("mlp_mnist", str(data_dir))
   task = family.task()
-  result = tasks.train(task, optax.adam(1e-3), num_steps=1500, key=jax.random.key(0))
+  result = meta_train.train(task, optax.adam(1e-3), num_steps=1500, key=jax.random.key(0))
   test_set = family.replace(full_batch_size=2000).full_batch(task.cfg, "test")  # all 2000 held out
   assert test_set["image"].shape[0] == 2000
   accuracy = float(task.metrics(result.params, test_set)["accuracy"])

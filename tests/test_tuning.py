@@ -5,10 +5,11 @@ import numpy as np
 import optax
 import pytest
 
+from learned_opt import meta_train
 from learned_opt import tasks
-from learned_opt.baselines import tuning
+from learned_opt.meta_train.inner import tuning
 from learned_opt.baselines.adam_muon import muon
-from learned_opt.baselines.tuning import DEFAULT_GRID, tune_learning_rate
+from learned_opt.meta_train.inner.tuning import DEFAULT_GRID, tune_learning_rate
 
 NUM_STEPS = 40  # long enough to separate the rates, short of float32 round-off
 
@@ -94,12 +95,12 @@ def test_diverging_rates_rank_last_and_all_diverged_is_flagged():
 
 
 def test_runs_equal_tasks_train_with_the_same_seed():
-  # Minibatch noise: every grid value must see the batches `tasks.train` draws.
+  # Minibatch noise: every grid value must see the batches `meta_train.train` draws.
   task = _quadratic(log10_cond=2.0, noise=0.3)
   grid = (1e-2, 1e-1)
   result = tune_learning_rate(task, optax.adam, grid=grid, num_steps=20, seed=7)
   for i, lr in enumerate(grid):
-    ref = tasks.train(task, optax.adam(lr), num_steps=20, key=jax.random.key(7))
+    ref = meta_train.train(task, optax.adam(lr), num_steps=20, key=jax.random.key(7))
     np.testing.assert_allclose(result.losses[i], np.asarray(ref.losses), rtol=1e-5, atol=1e-6)
 
 

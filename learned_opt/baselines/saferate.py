@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from learned_opt.baselines.adam_muon import muon
 from learned_opt.bounds import taylor_bounds
 
 
@@ -194,7 +195,6 @@ def saferate_muon(*, init_max_lr: float = 1.0, muon_kwargs: Optional[dict] = Non
   output heads, biases, norms and scalars. `muon_kwargs` (e.g. beta, ns_steps, params,
   label_fn) go to it unchanged; the learning rate is SafeRate's eta.
   """
-  from learned_opt.baselines.adam_muon import muon  # sibling module, imported lazily
   kwargs = dict(muon_kwargs or {})
   for key in ("learning_rate", "adam_learning_rate"):
     if key in kwargs:

@@ -27,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from learned_opt.bounds import interval
 from learned_opt.bounds.interval import Interval
 
 Fn = Callable[[jax.Array], jax.Array]
@@ -175,8 +176,7 @@ class PolyRule:
 
   def image(self, x: Interval) -> Interval:
     if self.power == 2:
-      from learned_opt.bounds.interval import square
-      return square(x)
+      return interval.square(x)
     return Interval(x.lo ** 3, x.hi ** 3)
 
   def remainder(self, x0, lo, hi, f0, f1, fence=None) -> Interval:

@@ -24,16 +24,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
+from jax._src import source_info_util  # error messages only: where in the user's code
 
 from learned_opt.bounds import enclosure as enc
 from learned_opt.bounds import fusion
 from learned_opt.bounds import rules
+from learned_opt.bounds.jaxpr_utils import UnsupportedPrimitiveError, bind, forward_dependence
 from learned_opt.bounds.enclosure import Enclosure
 from learned_opt.bounds.interval import Interval
-
-
-class UnsupportedPrimitiveError(NotImplementedError):
-  """A primitive that has no enclosure rule is applied to a value that depends on eta."""
 
 
 class TaylorBounds(NamedTuple):
@@ -84,29 +82,12 @@ def _needed(jaxpr, out_needed: Sequence[bool]) -> set:
   return need
 
 
-def forward_dependence(jaxpr, in_dep: Sequence[bool]) -> list[bool]:
-  """Which outputs depend on eta, given which inputs do (conservative through calls)."""
-  dep = {v for v, d in zip(jaxpr.invars, in_dep) if d}
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name != "stop_gradient" and any(isinstance(v, jcore.Var) and v in dep
-                                                      for v in eqn.invars):
-      dep.update(eqn.outvars)
-  return [isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars]
-
-
 def _point(x):
   return x.c0 if isinstance(x, Enclosure) else x
 
 
-def bind(prim, params, args):
-  """Evaluates one primitive on plain arrays, as `jax.core.eval_jaxpr` does."""
-  out = prim.bind(*args, **prim.get_bind_params(params))
-  return list(out) if prim.multiple_results else [out]
-
-
 def _where(eqn, stack: str) -> str:
   try:
-    from jax._src import source_info_util
     src = source_info_util.summarize(eqn.source_info)
   except Exception:  # source info is best effort; the function stack is enough
     src = "?"

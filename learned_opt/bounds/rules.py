@@ -23,6 +23,7 @@ from learned_opt.bounds import elementwise as ew
 from learned_opt.bounds import enclosure as enc
 from learned_opt.bounds import interval as iv
 from learned_opt.bounds.enclosure import Enclosure
+from learned_opt.bounds.jaxpr_utils import UnsupportedPrimitiveError, bind, forward_dependence
 
 RULES: dict = {}
 
@@ -41,7 +42,6 @@ def _is_enc(x) -> bool:
 
 def _require_const(x, what: str, ctx, name: str):
   if _is_enc(x):
-    from learned_opt.bounds.interpreter import UnsupportedPrimitiveError
     raise UnsupportedPrimitiveError(
         f"taylor_bounds: the {what} of '{name}' in {ctx.where} depends on the step size; "
         f"only its data operands may (a piecewise choice that moves with eta has no "
@@ -49,7 +49,6 @@ def _require_const(x, what: str, ctx, name: str):
 
 
 def _prim_fn(eqn, params):
-  from learned_opt.bounds.interpreter import bind
   def f(*args):
     outs = bind(eqn.primitive, params, list(args))
     return outs if eqn.primitive.multiple_results else outs[0]
@@ -113,7 +112,6 @@ RULES["dynamic_update_slice"] = _structural(lambda n: [0, 1], "start index")
 @_register("convert_element_type")
 def _convert(vals, params, ctx, *, live, eqn):
   if not jnp.issubdtype(params["new_dtype"], jnp.floating):
-    from learned_opt.bounds.interpreter import UnsupportedPrimitiveError
     raise UnsupportedPrimitiveError(
         f"taylor_bounds: convert_element_type to {params['new_dtype']} in {ctx.where} is "
         f"applied to a value that depends on the step size (expected a float dtype)")
@@ -279,7 +277,6 @@ def _branch_fn(ctx, closed, out_dep, name):
 
 @_register("cond")
 def _cond(vals, params, ctx, *, live, eqn):
-  from learned_opt.bounds.interpreter import forward_dependence
   index, ops = vals[0], vals[1:]
   _require_const(index, "branch index", ctx, "cond")
   branches = params["branches"]
@@ -294,7 +291,6 @@ def _cond(vals, params, ctx, *, live, eqn):
 
 @_register("scan")
 def _scan(vals, params, ctx, *, live, eqn):
-  from learned_opt.bounds.interpreter import forward_dependence
   body = params["jaxpr"]
   nc, nk = params["num_consts"], params["num_carry"]
   consts, init, xs = vals[:nc], vals[nc:nc + nk], vals[nc + nk:]

@@ -30,30 +30,12 @@ try:  # Triton-specific masked load/store (the GPU backend this kernel is writte
 except ImportError:  # pragma: no cover - depends on the jax build
   plt = None
 
-from learned_opt.base import GRAD_BOUND, MAX_LOG_SCALE
+from learned_opt.base import MAX_LOG_SCALE, sanitize
+from learned_opt.features import CLIP, TINY
+from learned_opt.fused.layout import IN_KERNEL, Channel, LeafScalars  # noqa: F401 (re-export)
 
-# Channel kinds the kernel computes itself from (g, p, m, v); anything else arrives
-# precomputed and already normalized as a "side" channel.
-IN_KERNEL = ("grad", "clipped_grad", "param", "momentum", "rms", "adam")
-CLIP = 3.0
-TINY = 1e-30
 # tl.dot needs every dimension >= 16; narrower layers run as outer products instead.
 _MIN_DOT = 16
-
-
-class Channel(NamedTuple):
-  """One input channel of the network: `kind` in IN_KERNEL or "side", and an index
-  (the momentum decay for momentum/adam, the row of the side array for side)."""
-  kind: str
-  index: int = 0
-
-
-class LeafScalars(NamedTuple):
-  """Per-tensor scalars, packed into one small array: see `leaf_update`."""
-  grad_rsqrt_ms: jax.Array  # 1 / sqrt(mean(g^2) + tiny): the clipped_grad normalizer
-  step: jax.Array           # multiplier of d * exp(exp_mult * s)
-  weight_decay: jax.Array   # coefficient of -p
-  out_scale: jax.Array      # final multiplier (muP)
 
 
 def _next_pow2(n: int) -> int:
@@ -80,8 +62,7 @@ def _kernel(*refs, channels, n, block, n_hidden, dot_layers, exp_mult, momentum_
   load = lambda ref: plt.load(ref, mask=valid, other=0).astype(jnp.float32)
 
   g = load(g_ref)
-  # Same sanitizing as learned_opt.base.sanitize: NaN -> 0, clip to +-GRAD_BOUND.
-  g = jnp.clip(jnp.where(jnp.isnan(g), 0.0, g), -GRAD_BOUND, GRAD_BOUND)
+  g = sanitize(g)  # the one sanitizer: NaN -> 0, clip to +-GRAD_BOUND
   p = load(p_ref)
   row = lambda r: load(moments_ref.at[jnp.int32(r)])
   v = None if nu_row is None else row(nu_row)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from learned_opt import features as feats
 from learned_opt.base import sanitize
-from learned_opt.fused import kernel as fk
+from learned_opt.fused import layout
 
 MODES = ("auto", "xla", "pallas", "interpret")
 _EXACT = ("highest", "float32", "Precision.HIGHEST")
@@ -39,7 +39,7 @@ def select(mode: str) -> Optional[bool]:
   return {"xla": None, "pallas": False, "interpret": True}[mode]
 
 
-def channels(spec: feats.FeatureSpec) -> tuple[fk.Channel, ...]:
+def channels(spec: feats.FeatureSpec) -> tuple[layout.Channel, ...]:
   """The kernel's input channels for `spec`, in `spec.param_names()` order.
 
   Adafactor's row/column factors (a gather by row and column) and Muon's direction (a
@@ -49,15 +49,22 @@ def channels(spec: feats.FeatureSpec) -> tuple[fk.Channel, ...]:
   out, side = [], 0
   for group in spec.param_groups:
     if group in ("momentum", "adam"):
-      out += [fk.Channel(group, k) for k in range(len(spec.momentum_decays))]
-    elif group in fk.IN_KERNEL:
-      out.append(fk.Channel(group))
+      out += [layout.Channel(group, k) for k in range(len(spec.momentum_decays))]
+    elif group in layout.IN_KERNEL:
+      out.append(layout.Channel(group))
     else:  # as many side channels as the group has names ("adafactor/dir", ...)
       width = sum(1 for nm in names if nm == group or nm.startswith((group + "/", group + "@")))
-      out += [fk.Channel("side", side + j) for j in range(width)]
+      out += [layout.Channel("side", side + j) for j in range(width)]
       side += width
   assert len(out) == len(spec.param_names())
   return tuple(out)
+
+
+def _kernel():
+  """The Pallas kernel module, imported on the first fused update rather than with
+  `learned_opt`: it loads `jax.experimental.pallas`, which most users never need."""
+  from learned_opt.fused import kernel
+  return kernel
 
 
 def _channel(chans, j: int) -> jax.Array:
@@ -111,6 +118,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
   inv = jnp.exp(-f.per_tensor)  # [n, F]
   step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (n,))
   hidden = tuple((layer["w"], layer["b"]) for layer in hidden)
+  fk = _kernel()
   out = []
   for i in range(n):
     g, p = g_leaves[i], p_leaves[i]
@@ -122,7 +130,7 @@ def per_param_updates(spec: feats.FeatureSpec, f: feats.Features,
     if side_cols:
       side = jnp.stack([_channel(f.per_param[i], j) for j in side_cols])
     gs = sanitize(g)
-    scal = fk.LeafScalars(
+    scal = layout.LeafScalars(
         grad_rsqrt_ms=jax.lax.rsqrt(jnp.mean(jnp.square(gs)) + feats.TINY), step=step[i],
         weight_decay=jnp.float32(weight_decay),
         out_scale=jnp.float32(1.0 if out_scales is None else out_scales[i]))

@@ -7,31 +7,31 @@ meta-parameters). `make` is a module-level function, so one compiled evaluation 
 serves every task of a shape, every learning rate (vmapped) and every checkpoint of one
 architecture.
 
-Names `resolve` understands:
-  adam, muon          tuned per task over the learning-rate grid
-  saferate            SafeRate on the Adam direction (hyperparameter-free)
-  prodigy             optax's Prodigy at its default learning rate 1 (learning-rate free;
-                      the nominal of `HierarchicalLOpt(nominal="prodigy")`)
-  adam_hd             Adam with hypergradient-adapted per-tensor learning rates from 3e-3
-                      (`learned_opt.baselines.adam_hd`, untuned; the nominal of
-                      `HierarchicalLOpt(nominal="adam_hd")`)
+Hand-designed baselines come from one table, `BASELINES`: adding one is one entry. Other
+names `resolve` understands:
   NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
   saferate+NAME       SafeRate around that learned optimizer's direction
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.resources
 import os
 import pathlib
 from typing import Any, Callable, NamedTuple
 
 import optax
 
-from learned_opt.baselines.tuning import DEFAULT_GRID
+import learned_opt
+from learned_opt import baselines
+from learned_opt.meta_train.inner.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
 DEFAULT_LR_GRID: tuple[float, ...] = DEFAULT_GRID
-BASELINES = ("adam", "muon", "saferate", "prodigy", "adam_hd")
 SAFERATE_PREFIX = "saferate+"
+ADAM_HD_LR = 3e-3   # adam_hd's initial rate; the shipped hierarchical_hd's step_mult
+
+Make = Callable[..., optax.GradientTransformation]
 
 
 class Candidate(NamedTuple):
@@ -49,11 +49,35 @@ class Candidate(NamedTuple):
       evaluation re-runs an optimizer whose checkpoint changed under the same name.
   """
   name: str
-  make: Callable[..., optax.GradientTransformation]
+  make: Make
   grid: tuple[float, ...] = ()
   aux: Any = None
   kind: str = "hyperparameter-free"
   fingerprint: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+  """A hand-designed baseline of `lopt eval`.
+
+  Attributes:
+    make: `(lr, aux, num_steps) -> optax transform` (module-level).
+    tuned: tuned over the learning-rate grid; otherwise run once as is.
+    fingerprint: identifies its definition (change it when the baseline changes, so
+      cached results are re-run).
+    default: run by `lopt eval` unless `--baselines` says otherwise.
+    description: one line for `--help` and reports.
+  """
+  make: Make
+  tuned: bool
+  fingerprint: str
+  default: bool = True
+  description: str = ""
+
+
+# The wrapper SafeRate candidates use; a module attribute so tests can swap in another
+# safeguard without running the bound interpreter.
+safeguard = baselines.saferate
 
 
 def _adam(lr, aux, num_steps):
@@ -63,66 +87,52 @@ def _adam(lr, aux, num_steps):
 
 def _muon(lr, aux, num_steps):
   del aux, num_steps
-  from learned_opt.baselines.adam_muon import muon  # hidden weights Muon, the rest Adam
-  return muon(lr)
+  return baselines.muon(lr)  # hidden weights Muon, the rest Adam
 
 
 def _prodigy(lr, aux, num_steps):
   del lr, aux, num_steps
-  from learned_opt.base import prodigy_nominal
-  return prodigy_nominal()
+  return optax.contrib.prodigy(1.0)
 
 
 def _adam_hd(lr, aux, num_steps):
   del lr, aux, num_steps
-  from learned_opt.baselines import adam_hd
-  return adam_hd(ADAM_HD_LR)
-
-
-ADAM_HD_LR = 3e-3   # the initial rate; the shipped hierarchical_adam_hd's step_mult
-
-
-def _saferate_module():
-  try:
-    from learned_opt.baselines import saferate
-  except ImportError as e:
-    raise ValueError("SafeRate is not available: learned_opt.baselines.saferate has not "
-                     "landed in this checkout") from e
-  return saferate
+  return baselines.adam_hd(ADAM_HD_LR)
 
 
 def _saferate_adam(lr, aux, num_steps):
   del lr, aux, num_steps
-  from learned_opt.baselines import adam_direction
   # The wrapped direction is signed like an update (as a learned optimizer's output is),
   # so Adam's direction is -m/sqrt(v); SafeRate chooses how far to go along it.
-  return _saferate_module()(adam_direction())
+  return safeguard(baselines.adam_direction())
+
+
+BASELINES: dict[str, Baseline] = {
+    "adam": Baseline(_adam, True, "adam", description="Adam, learning rate tuned on the grid"),
+    "muon": Baseline(_muon, True, "muon:hidden-weights",
+                     description="Muon on hidden matrices, Adam elsewhere, tuned on the grid"),
+    "saferate": Baseline(_saferate_adam, False, "saferate:adam",
+                         description="SafeRate on Adam's direction (hyperparameter-free)"),
+    "prodigy": Baseline(_prodigy, False, "prodigy:lr1",
+                        description="optax's Prodigy at its default learning rate 1"),
+    "adam_hd": Baseline(_adam_hd, False, f"adam_hd:lr{ADAM_HD_LR}",
+                        description="Adam with hypergradient per-tensor rates from 3e-3"),
+}
+DEFAULT_BASELINES: tuple[str, ...] = tuple(n for n, b in BASELINES.items() if b.default)
 
 
 def _learned(lr, aux, num_steps):
   del lr
-  import learned_opt
   lopt, meta_params = aux
   return learned_opt.to_optax(lopt, meta_params, num_steps=num_steps)
 
 
 def _saferate_learned(lr, aux, num_steps):
-  return _saferate_module()(_learned(lr, aux, num_steps))
-
-
-def saferate_available() -> bool:
-  try:
-    _saferate_module()
-    return True
-  except ValueError:
-    return False
+  return safeguard(_learned(lr, aux, num_steps))
 
 
 def _load_learned(name: str):
   """(label, lopt, meta_params, weights hash) of a shipped name or a .lopt path."""
-  import importlib.resources
-
-  import learned_opt
   if name.endswith(".lopt") or os.sep in name:
     if not os.path.isfile(name):
       raise ValueError(f"learned optimizer file {name!r} does not exist")
@@ -145,24 +155,16 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
   """The `Candidate` for an optimizer name (see the module docstring).
 
   Raises:
-    ValueError: unknown name, missing file, a grid with fewer than 2 values, or SafeRate
-      requested before `learned_opt.baselines.saferate` exists.
+    ValueError: unknown name, missing file, or a grid with fewer than 2 values.
   """
   if len(lr_grid) < 2 or any(not (lr > 0) for lr in lr_grid):
     raise ValueError(f"lr_grid must hold at least 2 positive learning rates, got {lr_grid!r}")
-  if name == "adam":
-    return Candidate("adam", _adam, tuple(lr_grid), None, "tuned", "adam")
-  if name == "muon":
-    return Candidate("muon", _muon, tuple(lr_grid), None, "tuned", "muon:hidden-weights")
-  if name == "saferate":
-    _saferate_module()
-    return Candidate("saferate", _saferate_adam, fingerprint="saferate:adam")
-  if name == "prodigy":
-    return Candidate("prodigy", _prodigy, fingerprint="prodigy:lr1")
-  if name == "adam_hd":
-    return Candidate("adam_hd", _adam_hd, fingerprint=f"adam_hd:lr{ADAM_HD_LR}")
+  if name in BASELINES:
+    b = BASELINES[name]
+    if b.tuned:
+      return Candidate(name, b.make, tuple(lr_grid), None, "tuned", b.fingerprint)
+    return Candidate(name, b.make, fingerprint=b.fingerprint)
   if name.startswith(SAFERATE_PREFIX):
-    _saferate_module()
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
                      "learned", sha)

@@ -3,13 +3,14 @@
 `tune_learning_rate` trains one `Task` once per learning rate of a log-spaced grid and
 keeps the rate with the lowest final training loss. The learning rate is a traced array
 argument (optax factories accept an array wherever they accept a float), so the grid is
-`jax.vmap`ped inside one `jax.jit` and one compilation serves every grid, seed and task
-config of a shape. Every grid value sees the same initialization and the same minibatches
-(those of `learned_opt.tasks.train` with the same key), so differences come from the
-learning rate alone.
+`jax.vmap`ped inside one `jax.jit` (`loop.run_grid`, the loop evaluation uses too) and
+one compilation serves every grid, seed and task config of a shape. Every grid value sees
+the same initialization and the same minibatches (those of `loop.train` with the same
+key), so differences come from the learning rate alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -18,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from learned_opt import compile as lopt_compile
+from learned_opt.meta_train.inner import loop
 from learned_opt.tasks.base import Task
-from learned_opt.tasks.training import scan_steps
 
 MakeOptimizer = Callable[[jax.Array], optax.GradientTransformation]
 
@@ -51,25 +51,19 @@ class TuningResult(NamedTuple):
   all_diverged: bool
 
 
-# Python side effect counting traces of `_train_grid` (tests assert no recompilation).
-TRACE_COUNT = [0]
+# Traces of the shared grid loop (`loop.run_grid`; tests assert no recompilation).
+TRACE_COUNT = loop.TRACE_COUNT
 
 
-@lopt_compile.jit(static_argnames=("make_optimizer", "num_steps", "full_batch"))
-def _train_grid(task: Task, lrs: jax.Array, key: jax.Array, *, make_optimizer: MakeOptimizer,
-                num_steps: int, full_batch: bool) -> jax.Array:
-  """[G, num_steps] training losses; the loop (and its key splits) of `tasks.train`."""
-  TRACE_COUNT[0] += 1
-  k_init, k_data = jax.random.split(key)
-  step_keys = jax.random.split(k_data, num_steps)
-  # Outside the vmap: the initialization and batches do not depend on the learning rate,
-  # so they are computed once and shared by every grid value.
-  params0 = task.init(k_init)
+@dataclasses.dataclass(frozen=True)
+class _FromLearningRate:
+  """`make_optimizer(lr)` in `run_grid`'s `(h, aux, num_steps)` form; equal (so one
+  compilation) whenever the wrapped factory is the same object."""
+  make_optimizer: MakeOptimizer
 
-  def run(lr):
-    return scan_steps(task, make_optimizer(lr), params0, step_keys, full_batch=full_batch)[1]
-
-  return jax.vmap(run)(lrs)
+  def __call__(self, lr, aux, num_steps):
+    del aux, num_steps
+    return self.make_optimizer(lr)
 
 
 def _check_grid(grid) -> np.ndarray:
@@ -102,7 +96,7 @@ def tune_learning_rate(task: Task, make_optimizer: MakeOptimizer, *,
       log-spaced values 1e-4..1e-1). Its length is part of the compiled shape.
     num_steps: training steps per run.
     seed: seeds the initialization and the minibatches, shared by all grid values; the
-      runs equal `learned_opt.tasks.train(task, make_optimizer(lr), key=jax.random.key(seed))`.
+      runs equal `learned_opt.meta_train.train(task, make_optimizer(lr), key=jax.random.key(seed))`.
     final_window: number of last steps whose training losses are averaged into the
       final loss (default: the last 10% of steps, at least 1).
     full_batch: train on the task's deterministic full batch at every step.
@@ -125,9 +119,11 @@ def tune_learning_rate(task: Task, make_optimizer: MakeOptimizer, *,
     raise ValueError(f"make_optimizer must be a callable lr -> optax transform, got "
                      f"{make_optimizer!r}")
 
-  losses = _train_grid(task, jnp.asarray(lrs, jnp.float32), jax.random.key(seed),
-                       make_optimizer=make_optimizer, num_steps=int(num_steps),
-                       full_batch=bool(full_batch))
+  losses, _, _ = loop.run_grid(task, jnp.asarray(lrs, jnp.float32), jax.random.key(seed)[None],
+                               None, make=_FromLearningRate(make_optimizer),
+                               num_steps=int(num_steps), full_batch=bool(full_batch),
+                               final_losses=False)
+  losses = losses[:, 0]
   losses = np.asarray(jax.device_get(losses), dtype=np.float64)
   final = np.mean(losses[:, -window:], axis=1)
   # A run that overflowed (inf) or went NaN ranks below every finite run.

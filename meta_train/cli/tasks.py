@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import time
+
+import jax
+import optax
+
+from learned_opt import tasks
+from learned_opt.meta_train.inner import loop
+from learned_opt.tasks import registry, suites
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,7 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _list_tasks(args) -> int:
-  from learned_opt.tasks import registry
   print("Meta-training families (offline data):")
   for s in registry.META_TRAIN_FAMILIES.values():
     print(f"  {s.name:<30} {s.description}")
@@ -27,24 +34,17 @@ def _list_tasks(args) -> int:
   for s in registry.REAL_DATA_FAMILIES.values():
     print(f"  {s.name:<30} [{s.data}] {s.description}")
   print("Held-out evaluation suite:")
-  for t in registry.HELDOUT_SUITE.values():
+  for t in suites.HELDOUT_SUITE.values():
     mode = ", full batch" if t.full_batch else ""
     print(f"  {t.name:<30} [{t.data}, {t.num_steps} steps{mode}] {t.description}")
   return 0
 
 
 def _train(args) -> int:
-  import time
-
-  import jax
-  import optax
-
-  from learned_opt import tasks
-
   family = tasks.get_family(args.task, args.data_dir)
   task = family.task()
   start = time.perf_counter()
-  result = tasks.train(task, optax.adam(args.lr), num_steps=args.steps, key=jax.random.key(args.seed))
+  result = loop.train(task, optax.adam(args.lr), num_steps=args.steps, key=jax.random.key(args.seed))
   losses = jax.device_get(result.losses)
   elapsed = time.perf_counter() - start
   print(f"{family.name}: Adam(lr={args.lr}) for {args.steps} steps ({elapsed:.1f} s incl. compile)")
@@ -52,7 +52,7 @@ def _train(args) -> int:
   for i in range(0, args.steps, every):
     window = losses[i:i + every]
     print(f"  steps {i:>6}-{min(i + every, args.steps) - 1:<6} mean loss {window.mean():.4f}  " + "#" * int(40 * min(window.mean() / losses[0], 1.0)))
-  metrics = tasks.evaluate(task, result.params)
+  metrics = loop.evaluate(task, result.params)
   print(f"final train loss {float(result.final_loss):.4f}; test " +
         ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   return 0

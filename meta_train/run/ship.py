@@ -13,11 +13,13 @@ import subprocess
 from typing import Optional
 
 import numpy as np
+import yaml
+
+import learned_opt
 
 
 def code_version(repo_dir: Optional[str] = None) -> str:
   """`git describe`-style commit of the checkout, or the package version outside git."""
-  import learned_opt
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, check=True,
                          capture_output=True, text=True, timeout=10).stdout.strip()
@@ -73,9 +75,7 @@ def ship(run_dir: str, dest: str, *, wall_time_s: Optional[float] = None,
     results: an evaluation (`results.json` contents) that includes this optimizer.
     name: its name in `results` (default: the file name of `dest`).
   """
-  import yaml
 
-  import learned_opt
   src = os.path.join(run_dir, "final.lopt")
   if not os.path.isfile(src):
     raise ValueError(f"{run_dir!r} has no final.lopt: the run has not finished")

@@ -9,18 +9,17 @@ import math
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import ray
 
-from learned_opt.meta_train import outer
-from learned_opt.meta_train.estimator_base import COUNT_NAMES, GradEstimate
+from learned_opt.meta_train.learner import outer
+from learned_opt.meta_train.estimators import base as estimator_base
+from learned_opt.meta_train.estimators.base import COUNT_NAMES, GradEstimate, combine_estimates
 
-if TYPE_CHECKING:  # the scheduler imports this module
-  from learned_opt.meta_train.ray_scheduler import Shard
 
 
 # ---- host transfer ---------------------------------------------------------------------
@@ -45,6 +44,15 @@ def from_host(tree: Any, template: Any) -> Any:
   def back(t, x):
     return jax.random.wrap_key_data(jnp.asarray(x)) if _is_key(t) else jnp.asarray(x)
   return jax.tree.map(back, template, tree)
+
+
+class Shard(NamedTuple):
+  """Tasks [start, stop) of estimator `family`'s pool; `index` is the shard's number
+  within that pool."""
+  family: int
+  index: int
+  start: int
+  stop: int
 
 
 class RunCall(NamedTuple):
@@ -113,13 +121,10 @@ class RowLayout:
     return jnp.stack([self.pack(e) for e in estimates])
 
   def mean_rows(self, rows: jax.Array) -> jax.Array:
-    """The row of `combine_estimates` of rows [n, width]: pair-weighted mean of grad and
-    meta_loss, sums of the counts. One reduction over a fixed-length axis, so rows in a
-    fixed order give the same result whichever workers they came from."""
-    g = self.grad_size
-    weights = rows[:, g + 1]
-    mean = jnp.tensordot(weights, rows[:, :g + 1], axes=1) / jnp.sum(weights)
-    return jnp.concatenate([mean, jnp.sum(rows[:, g + 1:], axis=0)])
+    """The row of `combine_estimates` of rows [n, width] (the combine every trainer
+    uses), so rows in a fixed order give the same result whichever workers they came
+    from."""
+    return self.pack(combine_estimates([self.unpack(rows[i]) for i in range(rows.shape[0])]))
 
 
 # ---- the worker actor --------------------------------------------------------------------
@@ -167,17 +172,15 @@ class PoolWorker:
   def jit_cache_size(self) -> dict:
     """Compiled variants of the jitted functions a step runs in this process
     (no-recompile checks)."""
-    from learned_opt.meta_train import estimator_base
     return {"estimate": estimator_base._jit_estimate._cache_size(),
             "unflatten": self._unflatten._cache_size(), "pack": self._pack._cache_size()}
 
   def _init_pools(self, theta, seed: int, epoch: int) -> None:
-    k_pool = jax.random.split(outer._run_keys(seed)[0])[1]  # as MetaTrainer.init
     pools = {}
     for sh in self._shards:
       indices = jnp.arange(sh.start, sh.stop, dtype=jnp.int32)
       pools[sh.family, sh.index] = self._estimators[sh.family].init(
-          jax.random.fold_in(k_pool, sh.family), theta, indices=indices)
+          outer.pool_key(seed, sh.family), theta, indices=indices)
     self._pools, self._epoch = pools, epoch
 
   def _ready(self, epoch: int) -> bool:
@@ -220,7 +223,7 @@ class PoolWorker:
     if undo is not None and not init and self._before is not None and self._before[:2] == (epoch, undo):
       self._pools = self._before[2]   # the learner discarded that (prefetched) call
     if seed not in self._steps_keys:
-      self._steps_keys[seed] = outer._run_keys(seed)[1]
+      self._steps_keys[seed] = outer.run_keys(seed).steps
     # Keys depend on (step, j, family) only: derived once, not once per shard.
     keys = {(j, f): outer.estimate_key(self._steps_keys[seed], version, j, f)
             for j in range(accumulate) for f in sorted({sh.family for sh in self._shards})}

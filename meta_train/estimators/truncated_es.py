@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from learned_opt.meta_train import estimator_base as base
-from learned_opt.meta_train.unroll import InnerState
+from learned_opt.meta_train.estimators import base as base
+from learned_opt.meta_train.inner.unroll import InnerState
 
 
 @struct.dataclass

@@ -1,20 +1,20 @@
-"""The `lopt` command line. Each subcommand lives in its own module; this file wires them."""
+"""The `lopt` command line: `main` wires the subcommands, one module each."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from learned_opt.meta_train.cli import eval as cli_eval
+from learned_opt.meta_train.cli import meta as cli_meta
+from learned_opt.meta_train.cli import tasks as cli_tasks
+from learned_opt.tasks.datasets import DatasetError, DatasetNotFoundError
+
 
 def _add_subcommands(sub: argparse._SubParsersAction) -> None:
-  # Each module exposes `add_parser(subparsers)` that registers one subcommand and sets
-  # `func` (args -> exit code). Imports stay lazy so `lopt --help` is fast.
-  from learned_opt.meta_train import cli_tasks
-  cli_tasks.add_parser(sub)
-  # -- subcommands added by later modules go below this line --
-  from learned_opt.meta_train import cli_meta
-  cli_meta.add_parser(sub)
-  from learned_opt.meta_train import cli_eval
-  cli_eval.add_parser(sub)
+  # Each module exposes `add_parser(subparsers)` that registers its subcommands and sets
+  # `func` (args -> exit code).
+  for module in (cli_tasks, cli_meta, cli_eval):
+    module.add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> int:
   sub = parser.add_subparsers(dest="command", required=True)
   _add_subcommands(sub)
   args = parser.parse_args(argv)
-  from learned_opt.tasks.datasets import DatasetError, DatasetNotFoundError
   try:
     return int(args.func(args) or 0)
   except (KeyError, ValueError, DatasetError, DatasetNotFoundError) as e:

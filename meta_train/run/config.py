@@ -17,6 +17,15 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+import learned_opt
+from learned_opt import registry
+from learned_opt.meta_train.estimators import truncation
+from learned_opt.meta_train.estimators.pes import PES
+from learned_opt.meta_train.estimators.truncated_es import TruncatedES
+from learned_opt.meta_train.learner.outer import make_outer_optimizer
+from learned_opt.tasks import get_family
+from learned_opt.tasks.augment import FullBatchFamily, ParamScaleFamily
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
@@ -35,7 +44,9 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LOptConfig:
-  """name: a registered learned optimizer (see `LOPTS`) or "package.module:Class";
+  """name: a registered architecture (`learned_opt.registry`, e.g. "per_param_mlp") or
+  "package.module:Class" for a class that module registers with
+  `learned_opt.register_architecture` (so the run can export it);
   options: keyword arguments of its constructor (checked against its fields);
   init_from: start meta-training from these meta-parameters instead of a fresh init: a
   learned_opt checkpoint path or a shipped name (`learned_opt.list_pretrained()`) whose
@@ -227,16 +238,7 @@ def dump_config(cfg: MetaTrainConfig) -> str:
 
 
 # ---- building objects -------------------------------------------------------------------
-# Registered learned optimizers: name -> "module:Class" (imported on use).
-LOPTS = {
-    "learned_lr": "learned_opt:LearnedLR",
-    "per_param_mlp": "learned_opt:PerParamMLP",
-    "per_param_lstm": "learned_opt:PerParamLSTM",
-    "hierarchical": "learned_opt:HierarchicalLOpt",
-}
-
-
-def _import(spec: str):
+def _import_class(spec: str):
   module, _, attr = spec.partition(":")
   try:
     return getattr(importlib.import_module(module), attr)
@@ -244,29 +246,30 @@ def _import(spec: str):
     raise ValueError(f"cannot import learned optimizer {spec!r}: {e}") from e
 
 
+def lopt_class(name: str) -> type:
+  """The architecture `lopt.name` names: a registered name (`learned_opt.registry`), or
+  "package.module:Class" for a class that module registers when imported. Either way the
+  class is one that checkpoints can save, checked here, before any work."""
+  if ":" not in name:
+    return registry.get_architecture(name)
+  cls = _import_class(name)
+  registry.check_registered(cls)
+  return cls
+
+
 def build_lopt(cfg: LOptConfig):
   """The learned optimizer named by `cfg`, constructed with `cfg.options`."""
-  if cfg.name in LOPTS:
-    cls = _import(LOPTS[cfg.name])
-  elif ":" in cfg.name:
-    cls = _import(cfg.name)
-  else:
-    raise ValueError(f"unknown learned optimizer {cfg.name!r}; registered: {', '.join(LOPTS)} "
-                     "(or give 'package.module:Class')")
-  if dataclasses.is_dataclass(cls):
-    valid = [f.name for f in dataclasses.fields(cls)]
-    bad = [k for k in cfg.options if k not in valid]
-    if bad:
-      raise ValueError(f"unknown config key 'lopt.options.{bad[0]}' for {cls.__name__}; valid keys: "
-                       f"{', '.join(valid)}")
-  if hasattr(cls, "from_config"):
-    # The LearnedOptimizer contract: YAML lists become tuples (static fields must hash).
-    return cls.from_config(dict(cfg.options))
-  return cls(**cfg.options)
+  cls = lopt_class(cfg.name)
+  valid = [f.name for f in dataclasses.fields(cls)] + list(getattr(cls, "legacy_config_keys", ()))
+  bad = [k for k in cfg.options if k not in valid]
+  if bad:
+    raise ValueError(f"unknown config key 'lopt.options.{bad[0]}' for {cls.__name__}; valid keys: "
+                     f"{', '.join(valid)}")
+  # The LearnedOptimizer contract: YAML lists become tuples (static fields must hash).
+  return cls.from_config(dict(cfg.options))
 
 
 def build_schedule(cfg: TruncationConfig):
-  from learned_opt.meta_train import truncation
   if cfg.kind == "constant":
     return truncation.ConstantTruncation(horizon=cfg.horizon)
   if cfg.kind == "log_uniform":
@@ -276,8 +279,6 @@ def build_schedule(cfg: TruncationConfig):
 
 def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
   """One estimator per task family, all with the same settings."""
-  from learned_opt.meta_train.pes import PES
-  from learned_opt.meta_train.truncated_es import TruncatedES
   kinds = {"pes": PES, "truncated_es": TruncatedES}
   e = cfg.estimator
   if e.kind not in kinds:
@@ -294,8 +295,6 @@ def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
 
 def build_family(name: str, cfg: TaskConfig, *, full_batch: bool = False):
   """The named meta-training family, augmented as `cfg` says (and on its full batch)."""
-  from learned_opt.tasks import get_family
-  from learned_opt.tasks.augment import FullBatchFamily, ParamScaleFamily
   family = get_family(name, cfg.data_dir)
   if full_batch:
     family = FullBatchFamily(family)
@@ -310,7 +309,6 @@ def initial_meta_params(cfg: LOptConfig, lopt):
   """The meta-parameters `lopt.init_from` names (None without it), checked against `lopt`."""
   if cfg.init_from is None:
     return None
-  import learned_opt
   source = cfg.init_from
   if os.path.exists(source):
     loaded, meta_params, _ = learned_opt.load(source)
@@ -330,6 +328,5 @@ def initial_meta_params(cfg: LOptConfig, lopt):
 
 
 def build_outer_optimizer(cfg: OuterConfig):
-  from learned_opt.meta_train.outer import make_outer_optimizer
   return make_outer_optimizer(cfg.optimizer, cfg.learning_rate, grad_clip=cfg.grad_clip,
                               **cfg.options)

@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 
+import learned_opt
+from learned_opt.meta_train.eval import candidates
+from learned_opt.meta_train.eval import evaluation
+from learned_opt.meta_train.eval import report
+
 
 def _floats(text: str) -> tuple[float, ...]:
   try:
@@ -24,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  help="heldout, heldout_short, heldout_offline, safeguard, or several joined with '+'")
   p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--baselines", default="adam,muon,saferate,prodigy,adam_hd",
-                 help="comma-separated baselines (adam is the reference and always runs)")
+  p.add_argument("--baselines", default=",".join(candidates.DEFAULT_BASELINES),
+                 help="comma-separated baselines (adam is the reference and always runs); "
+                 f"known: {', '.join(candidates.BASELINES)}")
   p.add_argument("--lr-grid", type=_floats, default=None,
                  help="learning rates of the tuned baselines (default: 7 values, 1e-4..1e-1)")
   p.add_argument("--out", default=None, help="run folder (default: runs/eval_<suite>)")
@@ -46,19 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args) -> int:
-  import learned_opt
-  from learned_opt.meta_train import eval_optimizers, evaluation, report
-
   learned = list(args.optimizer or [])
   if args.optimizer is None or args.pretrained:
     learned += [n for n in learned_opt.list_pretrained() if n not in learned]
   baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-  bad = [b for b in baselines if b not in eval_optimizers.BASELINES]
+  bad = [b for b in baselines if b not in candidates.BASELINES]
   if bad:
-    raise ValueError(f"unknown baseline {bad[0]!r}; expected some of {', '.join(eval_optimizers.BASELINES)}")
-  if "saferate" in baselines and not eval_optimizers.saferate_available():
-    print("lopt eval: note: SafeRate is not available in this checkout; skipping it")
-    baselines.remove("saferate")
+    raise ValueError(f"unknown baseline {bad[0]!r}; expected some of {', '.join(candidates.BASELINES)}")
   names = ["adam"] + [b for b in baselines if b != "adam"] + list(learned)
   out = args.out or os.path.join("runs", f"eval_{args.suite.replace('+', '_')}")
   kwargs = {} if args.lr_grid is None else {"lr_grid": args.lr_grid}
@@ -78,6 +78,5 @@ def _eval(args) -> int:
 
 
 def _report(args) -> int:
-  from learned_opt.meta_train import report
   print(report.write_report(args.run, out=args.out, title=args.title))
   return 0

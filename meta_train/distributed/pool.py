@@ -1,7 +1,7 @@
 """Meta-training on a Ray cluster: worker actors hold slices of the task pools.
 
-`RayMetaTrainer` has the interface of `MetaTrainer` (`init(seed)`, `step(seed, learner,
-states)`), so the runner drives either. The learner keeps theta and the outer optimizer;
+`RayMetaTrainer` implements the `learner.trainer.Trainer` interface, as the in-process
+`MetaTrainer` does, so the runner drives either. The learner keeps theta and the outer optimizer;
 each worker actor keeps its *shards* of the estimators' pools and, once per outer step,
 receives theta (one `ray.put` read by every worker; small theta rides in the call),
 runs its shards' truncations and returns their `GradEstimate`s as the rows of one
@@ -33,9 +33,10 @@ import optax
 import ray
 from flax import struct
 
-from learned_opt.meta_train import outer
-from learned_opt.meta_train.ray_scheduler import Scheduler, assign_shards, gather_rows, make_shards
-from learned_opt.meta_train.ray_worker import (PoolWorker, RowLayout, from_host, theta_shapes,
+from learned_opt.meta_train.learner import outer
+from learned_opt.meta_train.learner.trainer import Trainer
+from learned_opt.meta_train.distributed.scheduler import Scheduler, assign_shards, gather_rows, make_shards
+from learned_opt.meta_train.distributed.worker import (PoolWorker, RowLayout, from_host, theta_shapes,
                                                 to_host)
 
 log = logging.getLogger("lopt.ray")
@@ -89,7 +90,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
 
 # ---- the trainer -------------------------------------------------------------------------
-class RayMetaTrainer:
+class RayMetaTrainer(Trainer):
   """Meta-training with the pools spread over Ray worker actors; see the module docstring.
 
   Args:
@@ -141,13 +142,7 @@ class RayMetaTrainer:
                compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100,
                combine_on_worker: bool = False, inline_theta_bytes: int = 100_000,
                prefetch: bool = True, compiled_graph: bool = True):
-    if not estimators:
-      raise ValueError("RayMetaTrainer needs at least one estimator, got none")
-    if not isinstance(accumulate, int) or accumulate < 1:
-      raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
-    self.estimators = list(estimators)
-    self.optimizer = optimizer
-    self.accumulate = accumulate
+    super().__init__(estimators, optimizer, accumulate=accumulate)
     self.shards = make_shards([e.num_tasks for e in self.estimators], tasks_per_shard)
     assignment = assign_shards(self.shards, num_workers)
     self._owns_ray = connect(address, num_cpus=num_cpus)
@@ -175,19 +170,10 @@ class RayMetaTrainer:
     self.prefetch = prefetch
     self._prefetched_for = ((None, None), None)   # ((version, seed), meta_params) sent ahead
 
-  # ---- the MetaTrainer interface ------------------------------------------------------
-  @property
-  def lopt(self):
-    return self.estimators[0].lopt
-
+  # ---- the Trainer interface ----------------------------------------------------------
   @property
   def num_workers(self) -> int:
     return len(self.scheduler.slots)
-
-  @property
-  def inner_steps_per_outer_step(self) -> int:
-    """Inner steps (tasks x 2 signs x K) run per outer step when every shard reports."""
-    return self.accumulate * sum(2 * e.num_tasks * e.unroll_length for e in self.estimators)
 
   def set_policy(self, *, quorum: float = 1.0, timeout_s: float | None = None,
                  max_staleness: int = 0) -> None:
@@ -197,9 +183,7 @@ class RayMetaTrainer:
   def init(self, seed: int, meta_params: Any | None = None) -> tuple[outer.LearnerState, RayPools]:
     """Learner state for run seed `seed` (theta as `MetaTrainer.init`) and a pools
     handle; workers initialize their shards with theta in the first step."""
-    k_theta = jax.random.split(outer._run_keys(seed)[0])[0]
-    if meta_params is None:
-      meta_params = self.lopt.init_meta_params(k_theta)
+    meta_params = self.init_meta_params(seed, meta_params)
     self._seed = seed
     self.scheduler.reset()
     return outer.init_learner(meta_params, self.optimizer), self._new_handle()
@@ -286,12 +270,6 @@ class RayMetaTrainer:
     if self._owns_ray and ray.is_initialized():
       ray.shutdown()
     self._owns_ray = False
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
 
   # ---- internals --------------------------------------------------------------------
   def _update_impl(self, learner, rows):

@@ -36,21 +36,12 @@ import numpy as np
 import ray
 import ray.exceptions
 
-from learned_opt.meta_train.ray_graph import GraphSteps, StepGraph
-from learned_opt.meta_train.ray_worker import RunCall
+from learned_opt.meta_train.distributed.graph import GraphSteps, StepGraph
+from learned_opt.meta_train.distributed.worker import RunCall, Shard
 
 # Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
 _ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 _POLL_S = 30.0
-
-
-class Shard(NamedTuple):
-  """Tasks [start, stop) of estimator `family`'s pool; `index` is the shard's number
-  within that pool."""
-  family: int
-  index: int
-  start: int
-  stop: int
 
 
 # ---- the shard layout: fixed by the config, not by the number of workers -----------

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from learned_opt import compile as lopt_compile
-from learned_opt.meta_train import unroll
-from learned_opt.meta_train.truncation import TruncationSchedule
+from learned_opt.meta_train.inner import unroll
+from learned_opt.meta_train.estimators.truncation import TruncationSchedule
 from learned_opt.tasks.base import TaskFamily
 
 MetaParams = Any

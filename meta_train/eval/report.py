@@ -11,8 +11,13 @@ import math
 import os
 from typing import Optional
 
-from learned_opt.meta_train import eval_metrics as M
-from learned_opt.meta_train import evaluation
+import numpy as np
+
+from learned_opt import _extras
+from learned_opt.meta_train.eval import evaluation
+from learned_opt.meta_train.eval import metrics as M
+from learned_opt.meta_train.eval.candidates import BASELINES
+from learned_opt.tasks.suites import SUITES
 
 REPORT_FILE = "report.md"
 CURVES_PNG = "curves.png"
@@ -26,7 +31,6 @@ def _fmt(x: Optional[float], spec: str = ".3g") -> str:
 
 def _order(results: dict) -> list[str]:
   """Baselines first (in their usual order), then the learned optimizers as evaluated."""
-  from learned_opt.meta_train.eval_optimizers import BASELINES
   names = list(results["optimizers"])
   return [b for b in BASELINES if b in names] + [n for n in names if n not in BASELINES]
 
@@ -37,9 +41,7 @@ def _color(i: int) -> str:
 
 def plot_curves(results: dict, path: str) -> None:
   """One panel per task: the seed-mean training loss of every optimizer (log scale)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _extras.pyplot(purpose="lopt report's plots")
   tasks = results["tasks"]
   n = len(tasks)
   cols = min(3, n)
@@ -70,10 +72,7 @@ def plot_curves(results: dict, path: str) -> None:
 
 def plot_speedups(results: dict, path: str) -> None:
   """Grouped bars: steps tuned Adam needs / steps each optimizer needs (log scale)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
+  plt = _extras.pyplot(purpose="lopt report's plots")
   tasks = list(results["tasks"])
   order = _order(results)
   opts = [o for o in order if o != evaluation.REFERENCE]
@@ -105,8 +104,7 @@ def plot_speedups(results: dict, path: str) -> None:
 
 def _parts(results: dict) -> list[tuple[str, list[str]]]:
   """(suite name, its evaluated tasks) for each "+"-joined part of the evaluated suite."""
-  from learned_opt.meta_train.eval_suites import suites
-  known, out, seen = suites(), [], set()
+  known, out, seen = SUITES, [], set()
   for part in results["suite"].split("+"):
     names = [n for n in known.get(part, {}) if n in results["tasks"] and n not in seen]
     seen.update(names)

@@ -14,12 +14,16 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import tqdm
 import yaml
 
-from learned_opt.meta_train import config as config_lib
-from learned_opt.meta_train import run_checkpoint
-from learned_opt.meta_train.metrics import MetricsWriter
-from learned_opt.meta_train.outer import LearnerState, MetaTrainer
+import learned_opt
+from learned_opt import _extras
+from learned_opt.meta_train.learner.outer import LearnerState
+from learned_opt.meta_train.learner.trainer import MetaTrainer, Trainer
+from learned_opt.meta_train.run import checkpoint as run_checkpoint
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run.metrics import MetricsWriter
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -35,7 +39,7 @@ class RunResult(NamedTuple):
 
 
 def build_trainer(cfg: config_lib.MetaTrainConfig, *, workers: int = 0,
-                  ray_address: str | None = None) -> MetaTrainer:
+                  ray_address: str | None = None) -> Trainer:
   """The lopt, one estimator per family and the outer optimizer, from a config.
 
   workers > 0 spreads the pools over that many Ray worker actors, on a local Ray or on
@@ -47,18 +51,12 @@ def build_trainer(cfg: config_lib.MetaTrainConfig, *, workers: int = 0,
   if ray_address is not None and workers < 1:
     raise ValueError(f"--ray-address {ray_address} needs --workers N (N >= 1), got {workers}")
   if workers:
-    from learned_opt.meta_train.ray_pool import RayMetaTrainer
+    _extras.require("ray", purpose="meta-training with --workers")
+    # distributed/ is the only sub-package that imports ray (an install extra).
+    from learned_opt.meta_train.distributed.pool import RayMetaTrainer
     return RayMetaTrainer(estimators, optimizer, accumulate=cfg.outer.accumulate,
                           num_workers=workers, address=ray_address)
   return MetaTrainer(estimators, optimizer, accumulate=cfg.outer.accumulate)
-
-
-def _pool_states(trainer, states, learner):
-  # The Ray trainer keeps the pools on its workers; checkpoints hold them gathered in
-  # the in-process layout, so a run resumes with any number of workers.
-  if hasattr(trainer, "gather_states"):
-    return trainer.gather_states(states, learner.meta_params)
-  return states
 
 
 def _check_run_dir(cfg, run_dir: str, resume: bool) -> None:
@@ -86,7 +84,6 @@ def _check_run_dir(cfg, run_dir: str, resume: bool) -> None:
 
 def export_meta_params(path: str, lopt, meta_params, info: dict) -> str:
   """Writes the meta-parameters in the learned_opt checkpoint format."""
-  import learned_opt
   learned_opt.save(path, lopt, meta_params, info)
   return path
 
@@ -110,8 +107,7 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
   try:
     return _run(trainer, cfg, run_dir, resume, progress, stop_after)
   finally:
-    if hasattr(trainer, "close"):
-      trainer.close()
+    trainer.close()
 
 
 def _run(trainer, cfg, run_dir, resume, progress, stop_after) -> RunResult:
@@ -123,10 +119,8 @@ def _run(trainer, cfg, run_dir, resume, progress, stop_after) -> RunResult:
     if found is not None:
       resume_step, path = found
       restored = run_checkpoint.restore(
-          path, {"learner": learner, "states": _pool_states(trainer, states, learner)})
-      learner, states = restored["learner"], restored["states"]
-      if hasattr(trainer, "scatter_states"):
-        states = trainer.scatter_states(states)
+          path, {"learner": learner, "states": trainer.gather_states(states, learner.meta_params)})
+      learner, states = restored["learner"], trainer.scatter_states(restored["states"])
   writer = MetricsWriter(run_dir, resume_step=resume_step if resume else None,
                          tensorboard=cfg.run.tensorboard)
   total = cfg.outer.num_steps
@@ -134,11 +128,12 @@ def _run(trainer, cfg, run_dir, resume, progress, stop_after) -> RunResult:
   end = total if stop_after is None else min(total, start + stop_after)
   bar = None
   if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+    bar = tqdm.tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
 
   def checkpoint():
-    pools = _pool_states(trainer, states, learner)
+    # Checkpoints hold the pools in the in-process layout, so a run resumes with any
+    # number of workers.
+    pools = trainer.gather_states(states, learner.meta_params)
     run_checkpoint.save(ckpt_dir, int(learner.step), {"learner": learner, "states": pools},
                         keep=cfg.run.keep_checkpoints)
     return pools

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import sys
+
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run.plot import plot_run
+from learned_opt.meta_train.run.runner import run_meta_training
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +37,6 @@ def resolve_config_path(name: str) -> str:
   """A config path as given, else a config shipped in learned_opt.configs."""
   if os.path.exists(name):
     return name
-  import importlib.resources
   shipped = importlib.resources.files("learned_opt.configs")
   candidate = shipped / (name if name.endswith(".yaml") else name + ".yaml")
   if candidate.is_file():
@@ -42,8 +46,6 @@ def resolve_config_path(name: str) -> str:
 
 
 def _meta_train(args) -> int:
-  from learned_opt.meta_train import config as config_lib
-  from learned_opt.meta_train.runner import run_meta_training
   path = resolve_config_path(args.config) if args.config else None
   cfg = config_lib.load_config(path, args.overrides)
   out = args.out or os.path.join("runs", cfg.name)
@@ -61,7 +63,6 @@ def _meta_train(args) -> int:
 
 
 def _plot(args) -> int:
-  from learned_opt.meta_train.plot import plot_run
   for path in plot_run(args.run, args.out, smooth=args.smooth):
     print(path)
   return 0

@@ -1,22 +1,22 @@
-"""The learner: the outer optax update of the meta-parameters from gradient estimates.
+"""The learner: the outer optax update of the meta-parameters, and the run's keys.
 
 Learner state (meta-parameters, outer optimizer state, step) is kept apart from worker
-state (the estimators' pools). One outer step gathers `accumulate` estimates from every
-estimator, averages them weighted by their number of pairs, and applies one optax
-update. Keys are a pure function of (seed, outer step, accumulation index, family
-index), so any outer step can be recomputed from a checkpoint, and a pool split over
-workers (same key to all; tasks fold in their global index) gives the same estimate.
+state (the estimators' pools). Keys are a pure function of (seed, outer step,
+accumulation index, family index) (`run_keys`, `estimate_key`), so any outer step can be
+recomputed from a checkpoint, and a pool split over workers (same key to all; tasks
+fold in their global index) gives the same estimate. Every trainer (`trainer.py`, the
+Ray pool) uses these functions; none derives keys of its own.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from learned_opt.meta_train.estimator_base import GradEstimate, combine_estimates
+from learned_opt.meta_train.estimators.base import GradEstimate
 
 @struct.dataclass
 class LearnerState:
@@ -100,58 +100,25 @@ def _apply_impl(optimizer, learner, estimate):
 _apply = jax.jit(_apply_impl, static_argnums=0)
 
 
-def _run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
-  """(initialization key, outer-steps key) of a run."""
-  k_init, k_steps = jax.random.split(jax.random.key(seed))
-  return k_init, k_steps
+class RunKeys(NamedTuple):
+  """The keys of a run, all derived from its seed.
 
-
-class MetaTrainer:
-  """In-process meta-training: estimators (worker side) plus the learner.
-
-  Args:
-    estimators: one `GradientEstimator` per task family.
-    optimizer: the outer optax transform (see `make_outer_optimizer`).
-    accumulate: estimates per estimator averaged into one outer update.
+  theta: initializes the meta-parameters.
+  pool: initializes the estimators' pools (family f: `fold_in(pool, f)`).
+  steps: the outer steps' estimates (see `estimate_key`).
   """
+  theta: jax.Array
+  pool: jax.Array
+  steps: jax.Array
 
-  def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
-               accumulate: int = 1):
-    if not estimators:
-      raise ValueError("MetaTrainer needs at least one estimator, got none")
-    if not isinstance(accumulate, int) or accumulate < 1:
-      raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
-    self.estimators = list(estimators)
-    self.optimizer = optimizer
-    self.accumulate = accumulate
 
-  @property
-  def lopt(self):
-    return self.estimators[0].lopt
+def run_keys(seed: int) -> RunKeys:
+  """The keys of run `seed`: the one key schedule of every trainer."""
+  k_init, k_steps = jax.random.split(jax.random.key(seed))
+  k_theta, k_pool = jax.random.split(k_init)
+  return RunKeys(k_theta, k_pool, k_steps)
 
-  @property
-  def inner_steps_per_outer_step(self) -> int:
-    """Inner steps (tasks x 2 signs x K) run per outer step."""
-    return self.accumulate * sum(2 * e.num_tasks * e.unroll_length for e in self.estimators)
 
-  def init(self, seed: int, meta_params: Any | None = None) -> tuple[LearnerState, list]:
-    """Learner state and the estimators' pool states for run seed `seed`."""
-    k_theta, k_pool = jax.random.split(_run_keys(seed)[0])
-    if meta_params is None:
-      meta_params = self.lopt.init_meta_params(k_theta)
-    learner = init_learner(meta_params, self.optimizer)
-    states = [e.init(jax.random.fold_in(k_pool, f), meta_params) for f, e in enumerate(self.estimators)]
-    return learner, states
-
-  def step(self, seed: int, learner: LearnerState, states: list) -> tuple[LearnerState, list, dict]:
-    """One outer step: estimates from every estimator, then one outer update."""
-    steps_key = _run_keys(seed)[1]
-    estimates, states = [], list(states)
-    for j in range(self.accumulate):
-      for f, est in enumerate(self.estimators):
-        key = estimate_key(steps_key, learner.step, j, f)
-        states[f], e = est.estimate(key, learner.meta_params, states[f])
-        estimates.append(e)
-    combined = estimates[0] if len(estimates) == 1 else combine_estimates(estimates)
-    learner, metrics = apply_estimate(self.optimizer, learner, combined)
-    return learner, states, metrics
+def pool_key(seed: int, family_index: int) -> jax.Array:
+  """The key the pool of estimator `family_index` is initialized with."""
+  return jax.random.fold_in(run_keys(seed).pool, family_index)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import os
 
-from learned_opt.meta_train.metrics import read_metrics
+from learned_opt import _extras
+from learned_opt.meta_train.run.metrics import read_metrics
 
 # (metric, y-axis label, log scale)
 PLOTS = (("meta_loss", "meta-loss (normalized)", False),
@@ -29,9 +30,7 @@ def plot_run(run_dir: str, out_dir: str | None = None, *, smooth: int = 10) -> l
     out_dir: where the PNGs go.
     smooth: window of the moving average drawn over the raw curve.
   """
-  import matplotlib
-  matplotlib.use("Agg")  # files only; never needs a display
-  import matplotlib.pyplot as plt
+  plt = _extras.pyplot(purpose="lopt plot")
 
   records = read_metrics(run_dir)
   out_dir = out_dir or os.path.join(run_dir, "plots")

@@ -1,5 +1,7 @@
 """The unroll engine: inner-task states advanced K steps at a time by a learned optimizer.
 
+Each step is `loop.inner_step`, the step every lopt trainer takes.
+
 One *member* is one inner task trained by one (possibly perturbed) copy of the
 meta-parameters. `unroll_member` advances a member `num_steps` inner steps under
 `lax.scan`; `map_population` runs it over a population of members, either vectorized
@@ -15,9 +17,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
+from learned_opt.meta_train.inner import loop
 from learned_opt.tasks.base import TaskFamily
 
 MetaParams = Any
@@ -100,19 +102,18 @@ def unroll_member(family: TaskFamily, lopt, meta_params: MetaParams, state: Inne
   """
 
   needs_value_fn = getattr(lopt, "needs_value_fn", False)
+  update = lambda grads, opt_state, params, **extra: lopt.update(meta_params, grads, opt_state,
+                                                                 params, **extra)
 
   def step(state: InnerState, _):
     reset = state.step >= state.horizon
     state = _select(reset, fresh, state)
     task = family.task(state.cfg)
     k_batch, k_lopt, k_val = jax.random.split(jax.random.fold_in(state.data_key, state.step), 3)
-    batch = task.batch(k_batch, "train")
-    loss, grads = jax.value_and_grad(task.loss)(state.params, k_batch, batch)
     # The "saferate" feature bounds the loss along a direction: the step's own batch.
-    extra = {"value_fn": lambda p: task.loss(p, k_batch, batch)} if needs_value_fn else {}
-    updates, opt_state = lopt.update(meta_params, grads, state.opt_state, state.params,
-                                     loss=loss, key=k_lopt, **extra)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, loss = loop.inner_step(
+        task, update, state.params, state.opt_state, batch_key=k_batch, update_key=k_lopt,
+        batch=task.batch(k_batch, "train"), with_value_fn=needs_value_fn)
     if meta_loss_split == "train":
       term = task.normalize(loss)
     else:

@@ -21,73 +21,21 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
-from learned_opt import compile as lopt_compile
-from learned_opt.meta_train import eval_metrics as M
-from learned_opt.meta_train import eval_optimizers
-from learned_opt.meta_train.eval_suites import get_suite
-from learned_opt.tasks.registry import SuiteTask
-from learned_opt.tasks.training import scan_steps
+import learned_opt
+from learned_opt import _extras
+from learned_opt.meta_train.eval import candidates as eval_optimizers
+from learned_opt.meta_train.eval import metrics as M
+from learned_opt.meta_train.inner import loop
+from learned_opt.tasks.suites import SuiteTask, get_suite
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
 REFERENCE = "adam"
 CURVE_POINTS = 200
-EVAL_BATCHES = 8
-_EVAL_KEY = 2**31 - 1  # seed of the evaluation batches: the same for every optimizer
-
-# Python side effect, counts traces of `run_grid` (tests assert no recompilation).
-TRACE_COUNT = [0]
-
-
-@lopt_compile.jit(static_argnames=("make", "num_steps", "full_batch"))
-def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_steps: int,
-             full_batch: bool):
-  """Trains `task` with `make(h, aux, num_steps)` for every h in `hparams` and every key.
-
-  The loop is `learned_opt.tasks.train`'s (same key splits, hence the same
-  initialization and batches per key, and the same `loss`/`value_fn`/`key` extra
-  arguments). `tasks.train` takes the optimizer as a static argument (a grid would
-  compile once per value), and `baselines.tune_learning_rate` runs one seed and
-  returns training losses only; evaluation needs every seed's final train and test
-  losses, for learned optimizers too, hence this loop: the value is traced, and the
-  grid and the seeds are vmapped into one compilation.
-
-  Args:
-    task: a `Task`.
-    hparams: [H] hyperparameter values (learning rates).
-    keys: [S] PRNG keys, one per seed.
-    aux: pytree of arrays for `make` (a learned optimizer's meta-parameters).
-    make: `(h, aux, num_steps) -> optax transform`, hashable (module-level function).
-    num_steps: the step budget.
-    full_batch: train on the deterministic full batch.
-
-  Returns:
-    (losses [H, S, num_steps] training loss before each update,
-     final_train [H, S] final training loss (full batch, or mean of EVAL_BATCHES fixed
-     train batches), final_test [H, S] the same on the test split).
-  """
-  TRACE_COUNT[0] += 1
-  eval_keys = jax.random.split(jax.random.key(_EVAL_KEY), EVAL_BATCHES)
-
-  def eval_loss(params, split):
-    if full_batch:
-      return task.loss(params, eval_keys[0], task.full_batch(split))
-    return jnp.mean(jax.vmap(lambda k: task.loss(params, k, task.batch(k, split)))(eval_keys))
-
-  def one(h, key):
-    k_init, k_data = jax.random.split(key)
-    params, losses = scan_steps(task, make(h, aux, num_steps), task.init(k_init),
-                                jax.random.split(k_data, num_steps), full_batch=full_batch)
-    return losses, eval_loss(params, "train"), eval_loss(params, "test")
-
-  return jax.vmap(lambda h: jax.vmap(lambda k: one(h, k))(keys))(hparams)
-
-
-def seed_keys(seeds: int, first_seed: int = 0) -> jax.Array:
-  if not isinstance(seeds, int) or seeds < 1:
-    raise ValueError(f"seeds must be a positive int, got {seeds!r}")
-  return jax.vmap(jax.random.key)(jnp.arange(first_seed, first_seed + seeds))
+# The shared grid loop and its trace counter (tests assert no recompilation).
+run_grid, seed_keys, TRACE_COUNT = loop.run_grid, loop.seed_keys, loop.TRACE_COUNT
 
 
 def _best_index(final_train: np.ndarray) -> int:
@@ -220,7 +168,7 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
   """Evaluates `optimizers` on every task of `suite`; writes `out_dir/results.json`.
 
   Args:
-    suite: a suite name (see `eval_suites.suites()`), or a dict of `SuiteTask`s
+    suite: a suite name (see `learned_opt.tasks.SUITES`), or a dict of `SuiteTask`s
       (evaluated in-process only).
     optimizers: names for `eval_optimizers.resolve` (baselines included explicitly).
     out_dir: run folder; `results.json` is rewritten after every task.
@@ -249,7 +197,6 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
   if bad:
     raise ValueError(f"unknown task {bad[0]!r} in suite {suite!r}; it has: {', '.join(specs)}")
   os.makedirs(out_dir, exist_ok=True)
-  import learned_opt
   results = {"format": RESULTS_FORMAT, "suite": suite, "seeds": seeds, "first_seed": first_seed,
              "lr_grid": list(lr_grid), "optimizers": [c.name for c in candidates],
              "reference": REFERENCE, "lopt_version": learned_opt.__version__, "tasks": {}}
@@ -266,8 +213,7 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
       todo[n] = missing
   bar = None
   if progress:
-    from tqdm import tqdm
-    bar = tqdm(total=sum(map(len, todo.values())), desc=f"eval {suite}", unit="run",
+    bar = tqdm.tqdm(total=sum(map(len, todo.values())), desc=f"eval {suite}", unit="run",
                dynamic_ncols=True)
 
   def done(name, result):
@@ -294,8 +240,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
                           "first_seed": first_seed, "data_dir": data_dir})
               for n, missing in todo.items()]
       if ray_address is not None:
-        from ray.util.multiprocessing import Pool  # optional: only with --ray
-        pool = Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
+        ray_mp = _extras.require("ray.util.multiprocessing", purpose="lopt eval --ray")
+        pool = ray_mp.Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
         outputs = pool.imap(_task_worker, jobs)
       else:
         # spawn: a forked JAX process can deadlock.

@@ -1,0 +1,2 @@
+"""Gradient estimators (antithetic truncated ES, PES) over truncated unrolls, and
+truncation schedules."""
