@@ -7,15 +7,15 @@ fuses no sibling loops); `momenta`, `second_moment` and `moment_rows` read it.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from learned_opt.base import horizon_array
 
-if TYPE_CHECKING:
-  from learned_opt.features import FeatureSpec
+# `spec` arguments are `learned_opt.features.FeatureSpec`s, named in annotations only:
+# features.py imports this module, so importing it back would be a cycle.
 
 
 class FeatureState(NamedTuple):
