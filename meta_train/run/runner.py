@@ -102,6 +102,9 @@ def run_meta_training(cfg: config_lib.MetaTrainConfig, run_dir: str, *, resume: 
     workers, ray_address: see `build_trainer` (not part of the config: a run may
       resume with another number of workers).
   """
+  # The architecture first (cheap): one that checkpoints cannot save fails before any
+  # work, not at export after hours of training.
+  config_lib.build_lopt(cfg.lopt)
   _check_run_dir(cfg, run_dir, resume)
   trainer = build_trainer(cfg, workers=workers, ray_address=ray_address)
   try:
