@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-# Before JAX starts: one thread here as in the workers (see ray_pool.SINGLE_THREAD_ENV).
+# Before JAX starts: one thread here as in the workers (see distributed.pool.SINGLE_THREAD_ENV).
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 
 import argparse

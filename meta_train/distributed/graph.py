@@ -7,7 +7,7 @@ input from a shared-memory channel (or a remote one across nodes), so a step's r
 trip drops from ~3.3 to ~1.5 ms on this project's 2-core machine (docs/ray.md). The
 graph serves the synchronous case only (quorum 1.0, no timeout, no staleness): all
 workers get the same step and the learner needs all replies. Quorum, timeouts,
-staleness and recovery from failures stay with actor calls (ray_scheduler.py), which
+staleness and recovery from failures stay with actor calls (scheduler.py), which
 falls back to them when a graph step fails and rebuilds the graph once every worker
 is healthy again.
 """
@@ -73,7 +73,7 @@ class StepGraph:
 
 
 class GraphSteps:
-  """The compiled-graph path of `ray_scheduler.Scheduler` (its base class; the state
+  """The compiled-graph path of `scheduler.Scheduler` (its base class; the state
   it uses: `slots`, the policy, `compiled_graph`, `_graph`, `_graph_ref` and
   `_graph_retry_at`, is set up there)."""
 

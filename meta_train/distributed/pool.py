@@ -16,8 +16,8 @@ program whichever worker holds it, and the learner combines shard estimates in g
 (step, accumulation, family, shard) order. So in the synchronous mode with a fixed
 seed, 1 worker and 8 workers give bit-identical meta-parameters.
 
-Scheduling, stragglers, staleness and failures live in ray_scheduler.py, the worker
-actor and what travels in ray_worker.py. These three are the only modules that import ray.
+Scheduling, stragglers, staleness and failures live in scheduler.py, the worker
+actor and what travels in worker.py. This sub-package is the only one that imports ray.
 """
 from __future__ import annotations
 

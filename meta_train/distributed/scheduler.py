@@ -116,7 +116,7 @@ class Scheduler(GraphSteps):
       `RayMetaTrainer`.
     log: where failures and stragglers are reported.
     compiled_graph: run synchronous steps (quorum 1.0, no timeout, no staleness) as one
-      Ray compiled graph over all workers (ray_graph.py) instead of one actor call per
+      Ray compiled graph over all workers (graph.py) instead of one actor call per
       worker; any other step, and any step after a worker failure until every worker
       is healthy again, uses actor calls.
   """
@@ -387,7 +387,7 @@ class Scheduler(GraphSteps):
   def close(self) -> None:
     self._graph_drop()
     # Graphs given up after a failure may still await collection: free them while Ray
-    # is up (see ray_graph.StepGraph.teardown).
+    # is up (see graph.StepGraph.teardown).
     gc.collect()
     for slot in self.slots:
       try:

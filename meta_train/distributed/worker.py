@@ -1,7 +1,7 @@
 """The worker side of the Ray pool: the actor that holds shards of the task pools, and
 what travels between it and the learner (flat float32 rows, host arrays).
 
-See ray_pool.py for the design; ray_scheduler.py is the learner's side.
+See pool.py for the design; scheduler.py is the learner's side.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ class PoolWorker:
   only, so a restarted actor (empty) or one whose pools the learner has given up on
   answers "uninitialized" instead of estimating from state the learner did not ask for.
 
-  `run` may arrive through a compiled graph (ray_graph.py), whose loop runs on its own
+  `run` may arrive through a compiled graph (graph.py), whose loop runs on its own
   thread next to the actor's executor; a lock keeps pool reads and updates (`run`,
   `get_states`, `set_states`) one at a time.
   """

@@ -1,6 +1,6 @@
 """Generalization evaluation: train every task of a suite with every optimizer; compare.
 
-`evaluate_task` trains one held-out task with each `Candidate` (see `eval_optimizers`)
+`evaluate_task` trains one held-out task with each `Candidate` (see `candidates.py`)
 on the same seeds, hence the same initializations and the same minibatches, and the
 same step budget. Tuned baselines run their whole learning-rate grid in one vmapped,
 jitted loop and keep the value with the best mean final training loss (the whole grid
