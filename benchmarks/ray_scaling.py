@@ -40,7 +40,7 @@ import ray
 from learned_opt.meta_train.run import config as config_lib
 from learned_opt.meta_train.cli.meta import resolve_config_path
 from learned_opt.meta_train.estimators.base import COUNT_NAMES, GradEstimate
-from learned_opt.meta_train.learner.outer import MetaTrainer
+from learned_opt.meta_train.learner.trainer import MetaTrainer
 from learned_opt.meta_train.distributed.pool import SINGLE_THREAD_ENV, RayMetaTrainer, connect
 
 
