@@ -10,3 +10,5 @@ from learned_opt.baselines.saferate import (SafeRateInfo, SafeRateState, adam_di
 from learned_opt.baselines.adam_muon import (adamw, decay_mask, muon, muon_dimension_numbers,
                                              muon_labels)
 from learned_opt.baselines.hypergradient import ScaleByAdamHDState, adam_hd, scale_by_adam_hd
+from learned_opt.baselines.scheduled import (adamw_cosine, muon_cosine, schedule_free_adamw,
+                                             warmup_cosine)

@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--ray", default=None, metavar="ADDRESS",
                  help="evaluate tasks on a Ray cluster ('auto' or an address)")
   p.add_argument("--fresh", action="store_true", help="ignore tasks already in the run folder")
+  p.add_argument("--tune-seeds", type=int, default=None, metavar="K",
+                 help="tuned optimizers pick their learning rate on the first K seeds and run "
+                 "it on the others (default: the whole grid on every seed)")
+  p.add_argument("--cache", default=None, metavar="DIR",
+                 help="reuse and store baselines' results in DIR, keyed by the task's and the "
+                 "baseline's definitions, grid and seeds (e.g. the committed reports/cache)")
   p.add_argument("--report", action="store_true", help="also write the markdown report")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=_eval)
@@ -65,11 +71,14 @@ def _eval(args) -> int:
   results = evaluation.evaluate_suite(
       args.suite, names, out_dir=out, seeds=args.seeds, data_dir=args.data_dir,
       tasks=args.tasks.split(",") if args.tasks else None, workers=args.workers,
-      ray_address=args.ray, progress=not args.no_progress, resume=not args.fresh, **kwargs)
-  print(f"{'optimizer':<34} {'beats tuned adam':>16} {'median speedup':>15} {'worst ratio':>12}  diverged")
+      ray_address=args.ray, progress=not args.no_progress, resume=not args.fresh,
+      tune_seeds=args.tune_seeds, cache_dir=args.cache, **kwargs)
+  ref = results["reference"]
+  print(f"{'optimizer':<34} {'beats tuned ' + ref:>22} {'IQM speedup':>12} {'worst ratio':>12}  diverged")
   for name, s in results["summary"].items():
     worst = "n/a" if s["worst_loss_ratio"] is None else f"{s['worst_loss_ratio']:.2f}"
-    print(f"{name:<34} {s['frac_beats_reference']:>15.0%} {s['median_speedup']:>14.2f}x "
+    iqm = f"{s['iqm_speedup']:.2f}x" if "iqm_speedup" in s else "n/a"
+    print(f"{name:<34} {s['frac_beats_reference']:>21.0%} {iqm:>12} "
           f"{worst:>12}  {', '.join(s['diverged_tasks']) or 'none'}")
   print(f"results: {os.path.join(out, evaluation.RESULTS_FILE)}")
   if args.report:

@@ -18,12 +18,13 @@ import dataclasses
 import importlib.resources
 import os
 import pathlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import optax
 
 import learned_opt
 from learned_opt import baselines
+from learned_opt.baselines import scheduled
 from learned_opt.meta_train.inner.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
@@ -47,6 +48,8 @@ class Candidate(NamedTuple):
     kind: "tuned", "hyperparameter-free" or "learned" (for reports).
     fingerprint: identifies what ran (a learned optimizer's weights hash), so a resumed
       evaluation re-runs an optimizer whose checkpoint changed under the same name.
+    eval_params: `(opt_state, params) -> params` where the final losses are measured
+      (schedule-free AdamW); None: the trained params.
   """
   name: str
   make: Make
@@ -54,6 +57,7 @@ class Candidate(NamedTuple):
   aux: Any = None
   kind: str = "hyperparameter-free"
   fingerprint: str = ""
+  eval_params: Optional[Callable[[Any, Any], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +71,14 @@ class Baseline:
       cached results are re-run).
     default: run by `lopt eval` unless `--baselines` says otherwise.
     description: one line for `--help` and reports.
+    eval_params: see `Candidate`.
   """
   make: Make
   tuned: bool
   fingerprint: str
   default: bool = True
   description: str = ""
+  eval_params: Optional[Callable[[Any, Any], Any]] = None
 
 
 # The wrapper SafeRate candidates use; a module attribute so tests can swap in another
@@ -100,6 +106,21 @@ def _adam_hd(lr, aux, num_steps):
   return baselines.adam_hd(ADAM_HD_LR)
 
 
+def _adamw_cosine(lr, aux, num_steps):
+  del aux
+  return baselines.adamw_cosine(lr, num_steps)
+
+
+def _muon_cosine(lr, aux, num_steps):
+  del aux
+  return baselines.muon_cosine(lr, num_steps)
+
+
+def _schedule_free_adamw(lr, aux, num_steps):
+  del aux
+  return baselines.schedule_free_adamw(lr, num_steps)
+
+
 def _saferate_adam(lr, aux, num_steps):
   del lr, aux, num_steps
   # The wrapped direction is signed like an update (as a learned optimizer's output is),
@@ -108,6 +129,18 @@ def _saferate_adam(lr, aux, num_steps):
 
 
 BASELINES: dict[str, Baseline] = {
+    "adamw_cosine": Baseline(
+        _adamw_cosine, True, f"adamw_cosine:wd{scheduled.ADAMW_WEIGHT_DECAY}:"
+        f"warmup{scheduled.WARMUP_FRACTION}", description="AdamW, linear warmup over 5% of "
+        "the budget, cosine decay to 0; peak rate tuned on the grid; weight decay 1e-4"),
+    "muon_cosine": Baseline(
+        _muon_cosine, True, f"muon_cosine:warmup{scheduled.WARMUP_FRACTION}",
+        description="Muon (Adam elsewhere) under the same warmup-cosine schedule, tuned"),
+    "schedule_free_adamw": Baseline(
+        _schedule_free_adamw, True, f"schedule_free_adamw:wd{scheduled.ADAMW_WEIGHT_DECAY}:"
+        f"warmup{scheduled.WARMUP_FRACTION}", description="optax's schedule-free AdamW, "
+        "tuned on the grid, evaluated at its averaged iterate",
+        eval_params=optax.contrib.schedule_free_eval_params),
     "adam": Baseline(_adam, True, "adam", description="Adam, learning rate tuned on the grid"),
     "muon": Baseline(_muon, True, "muon:hidden-weights",
                      description="Muon on hidden matrices, Adam elsewhere, tuned on the grid"),
@@ -162,8 +195,9 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
   if name in BASELINES:
     b = BASELINES[name]
     if b.tuned:
-      return Candidate(name, b.make, tuple(lr_grid), None, "tuned", b.fingerprint)
-    return Candidate(name, b.make, fingerprint=b.fingerprint)
+      return Candidate(name, b.make, tuple(lr_grid), None, "tuned", b.fingerprint,
+                       b.eval_params)
+    return Candidate(name, b.make, fingerprint=b.fingerprint, eval_params=b.eval_params)
   if name.startswith(SAFERATE_PREFIX):
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),

@@ -25,6 +25,7 @@ import tqdm
 
 import learned_opt
 from learned_opt import _extras
+from learned_opt.meta_train.eval import cache
 from learned_opt.meta_train.eval import candidates as eval_optimizers
 from learned_opt.meta_train.eval import metrics as M
 from learned_opt.meta_train.inner import loop
@@ -32,7 +33,10 @@ from learned_opt.tasks.suites import SuiteTask, get_suite
 
 RESULTS_FILE = "results.json"
 RESULTS_FORMAT = 1
-REFERENCE = "adam"
+# The reference of speedups and summaries: the first of these that was evaluated (tuned,
+# scheduled AdamW is what practitioners run; constant-rate Adam otherwise).
+REFERENCES = ("adamw_cosine", "adam")
+REFERENCE = "adam"  # the fallback, kept for callers that name it
 CURVE_POINTS = 200
 # The shared grid loop and its trace counter (tests assert no recompilation).
 run_grid, seed_keys, TRACE_COUNT = loop.run_grid, loop.seed_keys, loop.TRACE_COUNT
@@ -43,73 +47,146 @@ def _best_index(final_train: np.ndarray) -> int:
   return int(np.argmin(mean))
 
 
+def _train_candidate(task, cand, keys, *, num_steps: int, full_batch: bool,
+                     tune_seeds: Optional[int]):
+  """(grid, grid final train [G, tuning seeds], best index, losses [S, T], final train [S],
+  final test [S]) of one candidate: its grid on the tuning seeds, then its best value on
+  the remaining seeds (all seeds tune when `tune_seeds` is None)."""
+  grid = cand.grid or (0.0,)
+  run = lambda hs, ks: jax.device_get(run_grid(
+      task, jnp.asarray(hs, jnp.float32), ks, cand.aux, make=cand.make, num_steps=num_steps,
+      full_batch=full_batch, eval_params=cand.eval_params))
+  n_tune = keys.shape[0] if tune_seeds is None or len(grid) == 1 else min(tune_seeds, keys.shape[0])
+  losses, final_train, final_test = run(grid, keys[:n_tune])
+  best = _best_index(final_train)
+  grid_final = final_train
+  losses, final_train, final_test = losses[best], final_train[best], final_test[best]
+  if n_tune < keys.shape[0]:  # the chosen value on the seeds that did not choose it
+    more = run((grid[best],), keys[n_tune:])
+    losses, final_train, final_test = (np.concatenate([x, y[0]]) for x, y in
+                                       zip((losses, final_train, final_test), more))
+  return grid, grid_final, best, losses, final_train, final_test
+
+
+def evaluate_candidate(task, cand, keys, *, num_steps: int, full_batch: bool,
+                       curve_points: int = CURVE_POINTS, tune_seeds: Optional[int] = None) -> dict:
+  """One candidate on one task: its JSON-able result (see `evaluate_task`)."""
+  start = time.perf_counter()
+  grid, grid_final, best, losses, final_train, final_test = _train_candidate(
+      task, cand, keys, num_steps=num_steps, full_batch=full_batch, tune_seeds=tune_seeds)
+  wall = time.perf_counter() - start
+  curves = np.asarray(losses, np.float64)
+  steps, curve = M.downsample(curves.mean(axis=0), curve_points)
+  res = {
+      "kind": cand.kind,
+      "lr": float(grid[best]) if cand.grid else None,
+      "grid": ({"lr": list(grid), "final_train_loss": M.jsonable(np.mean(grid_final, axis=1)),
+                "tuning_seeds": int(grid_final.shape[1])} if cand.grid else None),
+      "final_train_loss": M.finite_or_none(np.mean(final_train)),
+      "final_train_loss_per_seed": M.jsonable(final_train),
+      "test_loss": M.finite_or_none(np.mean(final_test)),
+      "test_loss_per_seed": M.jsonable(final_test),
+      "initial_loss": M.finite_or_none(np.mean(curves[:, 0])),
+      "diverged": M.diverged(curves, final_train),
+      "curve_steps": steps,
+      "curve": curve,
+      "curves_per_seed": [M.downsample(c, curve_points)[1] for c in curves],
+      "wall_s": wall,
+      "fingerprint": cand.fingerprint,
+  }
+  if full_batch:
+    inc = M.max_relative_increase(curves)
+    res["max_relative_increase"] = M.finite_or_none(inc)
+    res["monotone"] = M.is_monotone(curves)
+  return res
+
+
+def cache_keyed_on(task_fp: str, cand, *, seeds: int, first_seed: int, curve_points: int,
+                   tune_seeds: Optional[int]) -> dict:
+  """What a cached baseline result depends on (see `cache.py`)."""
+  return {"task": task_fp, "optimizer": cache.candidate_fingerprint(cand),
+          "grid": list(cand.grid), "seeds": seeds, "first_seed": first_seed,
+          "curve_points": curve_points, "tune_seeds": tune_seeds, "eval_batches": loop.EVAL_BATCHES,
+          "results_format": RESULTS_FORMAT}
+
+
 def evaluate_task(suite_task: SuiteTask, candidates: Sequence[eval_optimizers.Candidate], *,
                   seeds: int = 3, first_seed: int = 0, data_dir: Optional[str] = None,
-                  curve_points: int = CURVE_POINTS, on_candidate=None) -> dict:
+                  curve_points: int = CURVE_POINTS, on_candidate=None,
+                  tune_seeds: Optional[int] = None,
+                  result_cache: Optional[cache.ResultCache] = None) -> dict:
   """Trains one suite task with every candidate; returns its JSON-able result.
 
   Args:
     suite_task: the task, its step budget and batch mode.
-    candidates: optimizers to compare (the one named `REFERENCE`, tuned Adam, is the
-      reference of the speedups when present).
+    candidates: optimizers to compare (see `reference_of` for the speedups' reference).
     seeds: number of seeds (initializations and batch orders), the same for all.
     first_seed: seed of the first run.
     data_dir: local dataset root (default: $LOPT_DATA_DIR).
     curve_points: loss-curve points kept per optimizer in the result.
     on_candidate: optional callback(candidate_name) after each candidate (progress).
+    tune_seeds: tuned candidates choose their learning rate on the first `tune_seeds`
+      seeds and run the chosen one on the others (None: every seed runs the whole grid).
+    result_cache: where baselines' results are looked up and stored (learned
+      optimizers are never cached here; a run folder resumes them).
 
   Returns:
     {"num_steps", "full_batch", "description", "data", "optimizers": {name: {...}}}.
   """
-  task = suite_task.build(data_dir).task()
+  family = suite_task.build(data_dir)
+  task = family.task()
   keys = seed_keys(seeds, first_seed)
   T, fb = suite_task.num_steps, suite_task.full_batch
+  task_fp = cache.task_fingerprint(suite_task, family) if result_cache is not None else None
   results = {}
   for cand in candidates:
-    grid = cand.grid or (0.0,)
-    start = time.perf_counter()
-    losses, final_train, final_test = jax.device_get(run_grid(
-        task, jnp.asarray(grid, jnp.float32), keys, cand.aux, make=cand.make, num_steps=T,
-        full_batch=fb))
-    wall = time.perf_counter() - start
-    best = _best_index(final_train)
-    curves = np.asarray(losses[best], np.float64)
-    steps, curve = M.downsample(curves.mean(axis=0), curve_points)
-    res = {
-        "kind": cand.kind,
-        "lr": float(grid[best]) if cand.grid else None,
-        "grid": ({"lr": list(grid), "final_train_loss": M.jsonable(np.mean(final_train, axis=1))}
-                 if cand.grid else None),
-        "final_train_loss": M.finite_or_none(np.mean(final_train[best])),
-        "final_train_loss_per_seed": M.jsonable(final_train[best]),
-        "test_loss": M.finite_or_none(np.mean(final_test[best])),
-        "initial_loss": M.finite_or_none(np.mean(curves[:, 0])),
-        "diverged": M.diverged(curves, final_train[best]),
-        "curve_steps": steps,
-        "curve": curve,
-        "wall_s": wall,
-        "fingerprint": cand.fingerprint,
-    }
-    if fb:
-      inc = M.max_relative_increase(curves)
-      res["max_relative_increase"] = M.finite_or_none(inc)
-      res["monotone"] = M.is_monotone(curves)
-    results[cand.name] = res
+    cached = keyed_on = None
+    if result_cache is not None and cand.kind != "learned":
+      keyed_on = cache_keyed_on(task_fp, cand, seeds=seeds, first_seed=first_seed,
+                                curve_points=curve_points, tune_seeds=tune_seeds)
+      cached = result_cache.get(suite_task.name, cand.name, keyed_on)
+    if cached is not None:
+      results[cand.name] = {**cached, "cached": True}
+    else:
+      results[cand.name] = M.jsonable(evaluate_candidate(
+          task, cand, keys, num_steps=T, full_batch=fb, curve_points=curve_points,
+          tune_seeds=tune_seeds))
+      if keyed_on is not None:
+        result_cache.put(suite_task.name, cand.name, keyed_on, results[cand.name])
     if on_candidate is not None:
       on_candidate(cand.name)
   return add_speedups({"num_steps": T, "full_batch": fb, "description": suite_task.description,
                        "data": suite_task.data, "optimizers": results})
 
 
-def add_speedups(task_result: dict) -> dict:
-  """Adds (or refreshes) every optimizer's speedup against `REFERENCE`, if it was run."""
+def reference_of(names: Sequence[str]) -> str:
+  """The speedups' reference among `names`: the first of `REFERENCES` present."""
+  return next((r for r in REFERENCES if r in names), REFERENCE)
+
+
+def add_speedups(task_result: dict, reference: Optional[str] = None) -> dict:
+  """Adds (or refreshes) every optimizer's speedup against the reference, if it was run:
+  from the seed-mean curves (`speedup`) and per seed (`speedup_per_seed`, each seed's
+  curve against the reference's curve of the same seed)."""
   opts = task_result["optimizers"]
-  if REFERENCE in opts:
+  reference = reference or reference_of(list(opts))
+  if reference in opts:
     curves = {n: (r["curve_steps"], r["curve"]) for n, r in opts.items()}
-    speed = M.speedups(curves, reference=REFERENCE, num_steps=task_result["num_steps"],
+    speed = M.speedups(curves, reference=reference, num_steps=task_result["num_steps"],
                        full_batch=task_result["full_batch"])
     for name, s in speed.items():
       opts[name].update(s)
+    per_seed = {n: r.get("curves_per_seed") for n, r in opts.items()}
+    ref_seeds = per_seed[reference]
+    for name, seeds in per_seed.items():
+      if not seeds or not ref_seeds or len(seeds) != len(ref_seeds):
+        continue
+      steps = opts[name]["curve_steps"]
+      opts[name]["speedup_per_seed"] = [M.speedups(
+          {name: (steps, mine), "__ref__": (opts[reference]["curve_steps"], ref)},
+          reference="__ref__", num_steps=task_result["num_steps"],
+          full_batch=task_result["full_batch"])[name]["speedup_bound"]
+          for mine, ref in zip(seeds, ref_seeds)]
   return task_result
 
 
@@ -135,14 +212,17 @@ def _task_worker(job: str) -> str:
   job = json.loads(job)
   cands = [eval_optimizers.resolve(n, lr_grid=tuple(job["lr_grid"])) for n in job["optimizers"]]
   suite_task = get_suite(job["suite"], job["data_dir"])[job["task"]]
+  result_cache = cache.ResultCache(job["cache_dir"]) if job.get("cache_dir") else None
   return json.dumps(M.jsonable(evaluate_task(
       suite_task, cands, seeds=job["seeds"], first_seed=job["first_seed"],
-      data_dir=job["data_dir"])), allow_nan=False)
+      data_dir=job["data_dir"], tune_seeds=job["tune_seeds"], result_cache=result_cache)),
+      allow_nan=False)
 
 
 def _reusable(old: dict, new: dict, specs: dict, candidates) -> dict:
   """Per-task optimizer results of a previous evaluation that this one can keep."""
-  if any(old.get(k) != new[k] for k in ("format", "suite", "seeds", "first_seed", "lr_grid")):
+  if any(old.get(k) != new[k] for k in ("format", "suite", "seeds", "first_seed", "lr_grid",
+                                        "tune_seeds")):
     return {}
   prints = {c.name: c.fingerprint for c in candidates}
   kept = {}
@@ -164,7 +244,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
                    lr_grid: Sequence[float] = eval_optimizers.DEFAULT_LR_GRID,
                    tasks: Optional[Sequence[str]] = None, workers: int = 1,
                    ray_address: Optional[str] = None, progress: bool = True,
-                   resume: bool = True) -> dict:
+                   resume: bool = True, tune_seeds: Optional[int] = None,
+                   cache_dir: Optional[str] = None) -> dict:
   """Evaluates `optimizers` on every task of `suite`; writes `out_dir/results.json`.
 
   Args:
@@ -183,6 +264,10 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
       a run with the same suite, seeds and grid (and the same checkpoint for learned
       optimizers): only missing ones run, so optimizers can be added later, and results
       of optimizers not named this time are kept.
+    tune_seeds: tuned optimizers choose their learning rate on this many seeds, then run
+      it on the rest (None: the whole grid on every seed).
+    cache_dir: a `cache.ResultCache` folder for the baselines' results (e.g. the
+      committed `reports/cache`): those found there are not re-run.
   """
   lr_grid = tuple(float(x) for x in lr_grid)
   candidates = [eval_optimizers.resolve(n, lr_grid=lr_grid) for n in optimizers]  # fail early
@@ -199,7 +284,10 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
   os.makedirs(out_dir, exist_ok=True)
   results = {"format": RESULTS_FORMAT, "suite": suite, "seeds": seeds, "first_seed": first_seed,
              "lr_grid": list(lr_grid), "optimizers": [c.name for c in candidates],
-             "reference": REFERENCE, "lopt_version": learned_opt.__version__, "tasks": {}}
+             "reference": reference_of([c.name for c in candidates]), "tune_seeds": tune_seeds,
+             "lopt_version": learned_opt.__version__, "tasks": {}}
+  reference = results["reference"]
+  result_cache = cache.ResultCache(cache_dir) if cache_dir else None
   path = os.path.join(out_dir, RESULTS_FILE)
   if resume and os.path.isfile(path):
     results["tasks"] = _reusable(load_results(out_dir), results, specs, candidates)
@@ -221,8 +309,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
       result = {**result, "optimizers": {**results["tasks"][name]["optimizers"], **result["optimizers"]}}
     order = [n for n in results["optimizers"] if n in result["optimizers"]]
     result["optimizers"] = {n: result["optimizers"][n] for n in order}
-    results["tasks"][name] = M.jsonable(add_speedups(result))
-    results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
+    results["tasks"][name] = M.jsonable(add_speedups(result, reference))
+    results["summary"] = M.summarize(results["tasks"], reference=reference)
     _write_json(path, results)
 
   start = time.perf_counter()
@@ -232,12 +320,14 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
         if bar is not None:
           bar.set_postfix(task=name)
         done(name, evaluate_task(specs[name], missing, seeds=seeds, first_seed=first_seed,
-                                 data_dir=data_dir, on_candidate=lambda _: bar and bar.update(1)))
+                                 data_dir=data_dir, on_candidate=lambda _: bar and bar.update(1),
+                                 tune_seeds=tune_seeds, result_cache=result_cache))
     else:
       by_name = dict(zip([c.name for c in candidates], optimizers))
       jobs = [json.dumps({"suite": suite, "task": n, "lr_grid": list(lr_grid), "seeds": seeds,
                           "optimizers": [by_name[c.name] for c in missing],
-                          "first_seed": first_seed, "data_dir": data_dir})
+                          "first_seed": first_seed, "data_dir": data_dir,
+                          "tune_seeds": tune_seeds, "cache_dir": cache_dir})
               for n, missing in todo.items()]
       if ray_address is not None:
         ray_mp = _extras.require("ray.util.multiprocessing", purpose="lopt eval --ray")
@@ -258,6 +348,6 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     if bar is not None:
       bar.close()
   results["wall_s"] = time.perf_counter() - start
-  results["summary"] = M.summarize(results["tasks"], reference=REFERENCE)
+  results["summary"] = M.summarize(results["tasks"], reference=reference)
   _write_json(path, results)
   return results

@@ -112,43 +112,111 @@ def speedups(curves: dict[str, tuple[list, list]], *, reference: str, num_steps:
   return out
 
 
+def iqm(values) -> float:
+  """Interquartile mean: the mean of the middle half of the sorted values (25% cut from
+  each end, as `scipy.stats.trim_mean(values, 0.25)`; Agarwal et al. 2021 recommend it
+  over the mean and the median for few runs)."""
+  x = np.sort(np.asarray(values, np.float64).ravel())
+  if x.size == 0:
+    raise ValueError("iqm of no values")
+  k = int(0.25 * x.size)
+  return float(np.mean(x[k:x.size - k]))
+
+
+def bootstrap_iqm(per_task: list, *, confidence: float = 0.95, resamples: int = 2000,
+                  seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of the IQM over tasks and seeds.
+
+  Each resample draws tasks with replacement and, within each drawn task, its seeds with
+  replacement (a two-level bootstrap: tasks vary more than seeds), then takes the IQM of
+  all drawn values.
+
+  Args:
+    per_task: one sequence of per-seed values per task.
+    confidence: the interval's coverage.
+    resamples: bootstrap resamples.
+    seed: the resampling RNG's seed (the interval is deterministic).
+  """
+  tasks = [np.asarray(v, np.float64) for v in per_task if len(v)]
+  if not tasks:
+    raise ValueError("bootstrap_iqm of no tasks")
+  rng = np.random.default_rng(seed)
+  stats = np.empty(resamples)
+  for b in range(resamples):
+    picked = rng.integers(0, len(tasks), len(tasks))
+    stats[b] = iqm(np.concatenate([tasks[i][rng.integers(0, tasks[i].size, tasks[i].size)]
+                                   for i in picked]))
+  tail = 100 * (1 - confidence) / 2
+  lo, hi = np.percentile(stats, [tail, 100 - tail])
+  return float(lo), float(hi)
+
+
+def _ratio(mine, ref) -> float:
+  if mine is None:
+    return math.inf
+  if ref is None:
+    return 0.0
+  return mine / ref if ref > 0 else math.inf
+
+
 def summarize(tasks: dict[str, dict], *, reference: str = "adam") -> dict[str, dict]:
-  """Per optimizer: fraction of tasks where it beats `reference`, median speedup, worst case.
+  """Per optimizer, over the tasks it shares with `reference` (tuned AdamW-cosine when
+  evaluated): how often it beats `reference` and every tuned baseline on final training
+  loss, the median speedup, the IQM of the per-seed speedups with a 95% bootstrap
+  interval over tasks and seeds, the worst final train and test loss ratios, and the
+  tasks where it diverged.
 
   Args:
     tasks: task name -> task result (see `evaluation.evaluate_task`).
+    reference: the optimizer speedups and ratios are measured against.
   """
   names = []
   for t in tasks.values():
     names += [n for n in t["optimizers"] if n not in names]
+  tuned = [n for n in names if any(t["optimizers"].get(n, {}).get("kind") == "tuned"
+                                   for t in tasks.values())]
   out = {}
   for name in names:
-    beats, ratios, speeds, divs, n = 0, [], [], [], 0
+    beats, ratios, test_ratios, speeds, per_seed, divs, n = 0, [], [], [], [], [], 0
+    beats_each = {b: [0, 0] for b in tuned if b != name}
     for task_name, t in tasks.items():
       opts = t["optimizers"]
       if name not in opts or reference not in opts:
         continue
       n += 1
-      mine, ref = opts[name]["final_train_loss"], opts[reference]["final_train_loss"]
-      if opts[name]["diverged"]:
+      mine = opts[name]
+      if mine["diverged"]:
         divs.append(task_name)
-      if mine is not None and ref is not None:
-        beats += mine < ref
-        ratios.append((mine / ref if ref > 0 else math.inf, task_name))
-      else:
-        ratios.append((math.inf if mine is None else 0.0, task_name))
-      speeds.append(opts[name]["speedup_bound"])
+      ratio = _ratio(mine["final_train_loss"], opts[reference]["final_train_loss"])
+      beats += ratio < 1
+      ratios.append((ratio, task_name))
+      test_ratios.append((_ratio(mine.get("test_loss"), opts[reference].get("test_loss")), task_name))
+      speeds.append(mine["speedup_bound"])
+      if mine.get("speedup_per_seed"):
+        per_seed.append(mine["speedup_per_seed"])
+      for b, count in beats_each.items():
+        if b in opts:
+          count[1] += 1
+          count[0] += _ratio(mine["final_train_loss"], opts[b]["final_train_loss"]) < 1
     if not n:
       continue
-    worst = max(ratios)
-    out[name] = {
+    worst, worst_test = max(ratios), max(test_ratios)
+    summary = {
         "num_tasks": n,
         "frac_beats_reference": beats / n,
+        "frac_beats": {b: c[0] / c[1] for b, c in beats_each.items() if c[1]},
         "median_speedup": float(np.median(speeds)),
         "worst_loss_ratio": finite_or_none(worst[0]),
         "worst_task": worst[1],
+        "worst_test_loss_ratio": finite_or_none(worst_test[0]),
+        "worst_test_task": worst_test[1],
         "diverged_tasks": divs,
     }
+    if per_seed:
+      lo, hi = bootstrap_iqm(per_seed)
+      summary.update(iqm_speedup=iqm(np.concatenate([np.asarray(v, float) for v in per_seed])),
+                     iqm_speedup_ci95=[lo, hi])
+    out[name] = summary
   return out
 
 

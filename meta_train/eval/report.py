@@ -1,8 +1,10 @@
 """`lopt report RUN`: a markdown report with tables and plots from `results.json`.
 
 The report reads on GitHub or in a browser: a summary table (fraction of tasks where
-each optimizer beats tuned Adam, median speedup, worst case, divergences), a per-task
-table of final losses relative to tuned Adam, the full-batch monotonicity check
+each optimizer beats the reference (tuned AdamW-cosine when evaluated, else tuned Adam)
+and each tuned baseline, IQM speedup with a bootstrap interval, median speedup, worst
+train and test loss ratios, divergences), a per-task table of final losses relative to
+the reference, the full-batch monotonicity check
 (SafeRate's guarantee), and PNG plots: loss curves per task and a speedup chart.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from learned_opt.tasks.suites import SUITES
 REPORT_FILE = "report.md"
 CURVES_PNG = "curves.png"
 SPEEDUP_PNG = "speedup.png"
-DPI = 60  # small PNGs: they are committed with example reports
+DPI = 100  # with the figure sizes below: >= 1200 px wide, legible labels
 
 
 def _fmt(x: Optional[float], spec: str = ".3g") -> str:
@@ -46,7 +48,7 @@ def plot_curves(results: dict, path: str) -> None:
   n = len(tasks)
   cols = min(3, n)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(max(12.0, 5.0 * cols), 3.8 * rows), squeeze=False)
   for ax, (name, t) in zip(axes.flat, tasks.items()):
     positive = True
     for i, opt in enumerate(_order(results)):
@@ -59,10 +61,11 @@ def plot_curves(results: dict, path: str) -> None:
       ax.plot(r["curve_steps"], ys, label=label, lw=1.2, color=_color(i))  # same color in every panel
     if positive:
       ax.set_yscale("log")
-    ax.set_title(name, fontsize=9)
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=6)
+    ax.set_title(name, fontsize=11)
+    ax.set_xlabel("step", fontsize=10)
+    ax.set_ylabel("training loss (seed mean)", fontsize=10)
+    ax.tick_params(labelsize=9)
+    ax.legend(fontsize=8)
   for ax in list(axes.flat)[n:]:
     ax.axis("off")
   fig.tight_layout()
@@ -71,12 +74,13 @@ def plot_curves(results: dict, path: str) -> None:
 
 
 def plot_speedups(results: dict, path: str) -> None:
-  """Grouped bars: steps tuned Adam needs / steps each optimizer needs (log scale)."""
+  """Grouped bars: steps the reference needs / steps each optimizer needs (log scale)."""
   plt = _extras.pyplot(purpose="lopt report's plots")
   tasks = list(results["tasks"])
   order = _order(results)
-  opts = [o for o in order if o != evaluation.REFERENCE]
-  fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 3.4))
+  ref = results.get("reference", evaluation.REFERENCE)
+  opts = [o for o in order if o != ref]
+  fig, ax = plt.subplots(figsize=(max(12.0, 1.4 * len(tasks) + 3), 5.0))
   width = 0.8 / max(len(opts), 1)
   for i, opt in enumerate(opts):
     vals, reached = [], []
@@ -93,10 +97,10 @@ def plot_speedups(results: dict, path: str) -> None:
   ax.axhline(1.0, color="k", lw=0.8)
   ax.set_yscale("log")
   ax.set_xticks(np.arange(len(tasks)))
-  ax.set_xticklabels(tasks, rotation=25, ha="right", fontsize=7)
-  ax.set_ylabel("speedup vs tuned Adam", fontsize=8)
-  ax.set_title("hatched: never reached tuned Adam's final loss (bar = upper bound)", fontsize=8)
-  ax.legend(fontsize=7)
+  ax.set_xticklabels(tasks, rotation=25, ha="right", fontsize=9)
+  ax.set_ylabel(f"speedup vs tuned {ref}", fontsize=10)
+  ax.set_title(f"hatched: never reached tuned {ref}'s final loss (bar = upper bound)", fontsize=10)
+  ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=DPI)
   plt.close(fig)
@@ -116,6 +120,18 @@ def _parts(results: dict) -> list[tuple[str, list[str]]]:
   return out
 
 
+def _kind(results: dict, opt: str) -> str:
+  """How an optimizer was run: tuned over the grid, as is, or learned (with or without a
+  tuned learning rate)."""
+  for t in results["tasks"].values():
+    r = t["optimizers"].get(opt)
+    if r is not None:
+      if r["kind"] == "learned":
+        return "learned, tuned lr" if r.get("lr") is not None else "learned, as is"
+      return "tuned lr" if r["kind"] == "tuned" else "as is"
+  return "?"
+
+
 def _speed(r: dict) -> str:
   if r.get("speedup") is not None:
     return f"{r['speedup']:.2f}x"
@@ -132,25 +148,34 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
            f"each (same initializations and batches for every optimizer). Tuned baselines pick "
            f"the best of {len(results['lr_grid'])} learning rates "
            f"({', '.join(f'{x:.2g}' for x in results['lr_grid'])}) per task by mean final "
-           "training loss. Speedup: steps tuned Adam needs to reach its final loss divided by "
+           f"training loss. Speedup: steps tuned {ref} needs to reach its final loss divided by "
            "the steps the optimizer needs (running mean over 5% of the budget on minibatch "
-           "tasks); `<x` means it never reached it (x bounds the speedup). Diverged: a NaN, "
-           "or a final loss above the initial one, on any seed.", "",
+           "tasks); `<x` means it never reached it (x bounds the speedup). The IQM speedup is "
+           "the interquartile mean of per-seed speedups over tasks and seeds (a seed that "
+           "never reaches the target counts at its bound), with a 95% bootstrap interval "
+           "resampling tasks, then seeds. Diverged: a NaN, or a final loss above the initial "
+           "one, on any seed.", "",
            "## Summary", ""]
   for part, names in _parts(results):
     sub = {n: results["tasks"][n] for n in names}
     summary = M.summarize(sub, reference=ref)
     if len(names) < len(results["tasks"]):
       lines += [f"Suite `{part}` ({len(names)} tasks):", ""]
-    lines += [f"| optimizer | beats tuned {ref} | median speedup | worst final-loss ratio (task) | diverged |",
-              "|---|---:|---:|---|---|"]
+    lines += [f"| optimizer | kind | beats tuned {ref} | IQM speedup [95% CI] | median speedup "
+              "| worst train-loss ratio (task) | worst test-loss ratio | diverged | beats each tuned baseline |",
+              "|---|---|---:|---:|---:|---|---:|---|---|"]
     for opt in opts:
       s = summary.get(opt)
       if s is None:
         continue
-      lines.append(f"| {opt} | {round(100 * s['frac_beats_reference'])}% of {s['num_tasks']} | "
-                   f"{s['median_speedup']:.2f}x | {_fmt(s['worst_loss_ratio'], '.3g')} "
-                   f"({s['worst_task']}) | {', '.join(s['diverged_tasks']) or 'none'} |")
+      iqm = (f"{s['iqm_speedup']:.2f}x [{s['iqm_speedup_ci95'][0]:.2f}, "
+             f"{s['iqm_speedup_ci95'][1]:.2f}]" if "iqm_speedup" in s else "n/a")
+      each = ", ".join(f"{b} {round(100 * f)}%" for b, f in s.get("frac_beats", {}).items())
+      lines.append(f"| {opt} | {_kind(results, opt)} | {round(100 * s['frac_beats_reference'])}% "
+                   f"of {s['num_tasks']} | {iqm} | {s['median_speedup']:.2f}x | "
+                   f"{_fmt(s['worst_loss_ratio'], '.3g')} ({s['worst_task']}) | "
+                   f"{_fmt(s.get('worst_test_loss_ratio'), '.3g')} | "
+                   f"{', '.join(s['diverged_tasks']) or 'none'} | {each or '-'} |")
     lines.append("")
   lines += ["## Per task", "",
             f"Final training loss (mean over seeds; ratio to tuned {ref}), test loss, speedup. "

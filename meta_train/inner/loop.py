@@ -69,6 +69,14 @@ def scan_steps(task: Task, optimizer: optax.GradientTransformation, params: Para
   Returns:
     (final params, [len(step_keys)] training loss before each update).
   """
+  params, _, losses = scan_steps_with_state(task, optimizer, params, step_keys,
+                                            full_batch=full_batch)
+  return params, losses
+
+
+def scan_steps_with_state(task: Task, optimizer: optax.GradientTransformation, params: Params,
+                          step_keys: jax.Array, *, full_batch: bool):
+  """`scan_steps` that also returns the final optimizer state: (params, state, losses)."""
   opt = optax.with_extra_args_support(optimizer)
   fixed_batch = task.full_batch() if full_batch else None
 
@@ -79,8 +87,8 @@ def scan_steps(task: Task, optimizer: optax.GradientTransformation, params: Para
                                          batch=fixed_batch)
     return (params, opt_state), loss
 
-  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), step_keys)
-  return params, losses
+  (params, opt_state), losses = jax.lax.scan(step, (params, opt.init(params)), step_keys)
+  return params, opt_state, losses
 
 
 def train(task: Task, optimizer: optax.GradientTransformation, *, num_steps: int,
@@ -133,9 +141,10 @@ def seed_keys(seeds: int, first_seed: int = 0) -> jax.Array:
   return jax.vmap(jax.random.key)(jnp.arange(first_seed, first_seed + seeds))
 
 
-@lopt_compile.jit(static_argnames=("make", "num_steps", "full_batch", "final_losses"))
+@lopt_compile.jit(static_argnames=("make", "num_steps", "full_batch", "final_losses",
+                                   "eval_params"))
 def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_steps: int,
-             full_batch: bool, final_losses: bool = True):
+             full_batch: bool, final_losses: bool = True, eval_params=None):
   """Trains `task` with `make(h, aux, num_steps)` for every h in `hparams` and every key.
 
   The loop is `train`'s (same key splits, hence the same initialization and batches
@@ -152,6 +161,8 @@ def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_s
     num_steps: the step budget.
     full_batch: train on the deterministic full batch.
     final_losses: also compute the final train and test losses (else they are None).
+    eval_params: `(opt_state, params) -> params` at which the final losses are taken
+      (schedule-free optimizers evaluate at another point than they train); None: params.
 
   Returns:
     (losses [H, S, num_steps] training loss before each update,
@@ -168,10 +179,13 @@ def run_grid(task, hparams: jax.Array, keys: jax.Array, aux: Any, *, make, num_s
 
   def one(h, key):
     k_init, k_data = jax.random.split(key)
-    params, losses = scan_steps(task, make(h, aux, num_steps), task.init(k_init),
-                                jax.random.split(k_data, num_steps), full_batch=full_batch)
+    params, opt_state, losses = scan_steps_with_state(
+        task, make(h, aux, num_steps), task.init(k_init), jax.random.split(k_data, num_steps),
+        full_batch=full_batch)
     if not final_losses:
       return losses, None, None
+    if eval_params is not None:
+      params = eval_params(opt_state, params)
     return losses, eval_loss(params, "train"), eval_loss(params, "test")
 
   return jax.vmap(lambda h: jax.vmap(lambda k: one(h, k))(keys))(hparams)
