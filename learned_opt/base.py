@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
@@ -32,10 +33,13 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
   """Abstract learned optimizer. Subclasses are frozen `flax.struct` dataclasses.
 
   Every config field of a subclass must be declared with
-  `struct.field(pytree_node=False)` and hold a JSON-able, hashable value (numbers,
-  strings, bools, tuples of those), so that `config()` / `from_config()` round-trip
-  through a checkpoint header and two instances with equal configs share one jit cache
-  entry.
+  `struct.field(pytree_node=False)` and hold a hashable value that is JSON-able
+  (numbers, strings, bools, None, tuples of those) or has a `config()` method returning
+  a JSON dict that the constructor accepts back (e.g. a `learned_opt.nominals.Nominal`),
+  so that `config()` / `from_config()` round-trip through a checkpoint header and two
+  instances with equal configs share one jit cache entry. Keys that old configs wrote
+  and that are no field any more are init-only arguments (`dataclasses.InitVar`) that
+  `__post_init__` folds into the fields; `from_config` accepts them too.
 
   Subclasses set `name` (the architecture name written to checkpoints) and implement:
 
@@ -88,10 +92,11 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
 
   @classmethod
   def from_config(cls, config: dict[str, Any]) -> "LearnedOptimizer":
-    """Rebuilds an instance from `config()`; unknown keys raise `ValueError`."""
+    """Rebuilds an instance from `config()` (or an older config: the constructor's
+    init-only arguments are accepted); unknown keys raise `ValueError`."""
     if not isinstance(config, dict):
       raise ValueError(f"{cls.__name__} config must be a dict, got {type(config).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = set(inspect.signature(cls).parameters)
     unknown = sorted(set(config) - known)
     if unknown:
       raise ValueError(f"{cls.__name__} config has unknown keys {unknown}; expected a subset "
@@ -102,13 +107,19 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
 def _to_json(value):
   if isinstance(value, (tuple, list)):
     return [_to_json(v) for v in value]
+  to_config = getattr(value, "config", None)
+  if callable(to_config):  # a config object, e.g. a nominal: {"kind": ..., **fields}
+    return to_config()
   return value
 
 
 def _from_json(value):
-  # JSON has no tuples; static fields must be hashable, so lists come back as tuples.
+  # JSON has no tuples; static fields must be hashable, so lists come back as tuples
+  # (dicts, the configs of config objects, are rebuilt by the constructor).
   if isinstance(value, list):
     return tuple(_from_json(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _from_json(v) for k, v in value.items()}
   return value
 
 
@@ -232,94 +243,3 @@ def magnitude_update(direction: jax.Array, magnitude: jax.Array, *, exp_mult: fl
   """
   log_scale = jnp.clip(exp_mult * magnitude, -MAX_LOG_SCALE, MAX_LOG_SCALE)
   return direction * jnp.exp(log_scale) * step_mult
-
-
-# nominal="adam" (PerParamMLP, HierarchicalLOpt): a learned optimizer that corrects Adam;
-# nominal="prodigy" (HierarchicalLOpt): one that corrects Prodigy (see `prodigy_nominal`);
-# nominal="adam_hd" (HierarchicalLOpt): one that corrects Adam with hypergradient-adapted
-# per-tensor learning rates (`learned_opt.baselines.adam_hd`).
-NOMINALS = ("none", "adam", "prodigy", "adam_hd")
-NOMINAL_RESIDUAL_CLIP = 3.0     # |learned correction| <= this, in units of Adam's direction
-NOMINAL_MAX_LOG_SCALE = 4.0     # learned step-size factor within [e^-4, e^4]
-NOMINAL_OUT_INIT = 0.01         # output weights start this small: untrained == Adam
-_ADAM_EPS = 1e-8
-
-
-def check_nominal(nominal: str, features, fused: str, *, allowed=NOMINALS) -> None:
-  """Validates a `nominal` setting against the feature selection and the fused mode."""
-  if nominal not in allowed:
-    raise ValueError(f"nominal must be one of {allowed}, got {nominal!r}")
-  if nominal in ("adam", "adam_hd") and "adam" not in features:
-    raise ValueError(f"nominal={nominal!r} needs the 'adam' feature group; features are "
-                     f"{tuple(features)}")
-  if nominal != "none" and fused in ("pallas", "interpret"):
-    raise ValueError(f"nominal={nominal!r} runs on the XLA path; got fused={fused!r} "
-                     f"(use 'auto' or 'xla')")
-
-
-def adam_momentum_index(spec) -> int:
-  """Index of the momentum decay closest to 0.9: Adam's first moment."""
-  decays = spec.momentum_decays
-  return min(range(len(decays)), key=lambda j: abs(decays[j] - 0.9))
-
-
-def adam_direction(spec, fstate, leaf_index: int) -> jax.Array:
-  """Adam's bias-corrected m / (sqrt(v) + eps) for one leaf, from the feature state.
-
-  Uses the momentum decay closest to 0.9 and `spec.rms_decay`; `fstate` is the state
-  after this step's accumulation (its step counter is already 1 at the first update).
-  """
-  decays = spec.momentum_decays
-  k = adam_momentum_index(spec)
-  t = fstate.step.astype(jnp.float32)
-  from learned_opt import feature_state  # local: it imports this module
-  m_hat = feature_state.momenta(spec, fstate, leaf_index)[k] / (1.0 - decays[k] ** t)
-  v_hat = feature_state.second_moment(spec, fstate, leaf_index) / (1.0 - spec.rms_decay ** t)
-  return m_hat / (jnp.sqrt(v_hat) + _ADAM_EPS)
-
-
-def nominal_adam_update(adam: jax.Array, correction: jax.Array, log_scale: jax.Array, *,
-                        step_mult, max_log_scale: float = NOMINAL_MAX_LOG_SCALE,
-                        residual_clip: float = NOMINAL_RESIDUAL_CLIP) -> jax.Array:
-  """`-(adam + clip(correction)) * exp(clip(log_scale)) * step_mult`.
-
-  Both clips bound how far a learned optimizer can stray from Adam, whatever its
-  meta-parameters: per coordinate at most (1 + residual_clip) * e^max_log_scale *
-  step_mult.
-  """
-  d = jnp.clip(correction, -residual_clip, residual_clip)
-  scale = jnp.exp(jnp.clip(log_scale, -max_log_scale, max_log_scale))
-  return -(adam + d) * scale * step_mult
-
-
-# Prodigy (Mishchenko & Defazio 2024) estimates its own step size from the distance
-# travelled from the initial point, so it needs no learning rate; as a nominal it gives a
-# learned optimizer a step size that is right to a small factor on tasks whose best Adam
-# learning rate is far from the meta-training tasks'. The betas are explicit because
-# `prodigy_step_size` reproduces optax's step size from its state.
-PRODIGY_BETAS = (0.9, 0.999)
-
-
-def prodigy_nominal():
-  """optax's Prodigy at learning rate 1 (its own default): the transform a
-  nominal="prodigy" optimizer runs and corrects."""
-  return optax.contrib.prodigy(1.0, betas=PRODIGY_BETAS)
-
-
-def prodigy_step_size(state) -> jax.Array:
-  """The scalar step size d * bias correction that optax's Prodigy applies in the update
-  that follows `state` (`update = -step * m / (sqrt(v) + d * eps)`)."""
-  b1, b2 = PRODIGY_BETAS
-  t = state.count.astype(jnp.float32) + 1.0
-  return state.estim_lr * jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
-
-
-def nominal_prodigy_update(prodigy_update: jax.Array, correction: jax.Array,
-                           log_scale: jax.Array, *, step: jax.Array,
-                           max_log_scale: float = NOMINAL_MAX_LOG_SCALE,
-                           residual_clip: float = NOMINAL_RESIDUAL_CLIP) -> jax.Array:
-  """`(prodigy_update - clip(correction) * step) * exp(clip(log_scale))`: Prodigy's update
-  plus a bounded correction in units of its step size, scaled by a bounded factor."""
-  d = jnp.clip(correction, -residual_clip, residual_clip)
-  scale = jnp.exp(jnp.clip(log_scale, -max_log_scale, max_log_scale))
-  return (prodigy_update - d * step) * scale

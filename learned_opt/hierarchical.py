@@ -16,30 +16,28 @@ the part that runs per coordinate stays tiny.
   param_scale`, where `param_scale = RMS(param) + param_scale_floor` makes steps relative
   to the tensor's size (the floor lets zero-initialized biases move).
 
-With `nominal="adam"` the network corrects Adam instead (see `base.nominal_adam_update`):
-the update is `-(adam + d) * exp(log_scale + exp_mult * s) * step_mult`, an absolute
-step like Adam's, so the per-tensor LSTM acts as a learned step-size controller and the
-tiny MLPs as bounded per-coordinate corrections; untrained, it is Adam at `step_mult`.
-With `nominal="prodigy"` it corrects optax's Prodigy the same way (`base.
-nominal_prodigy_update`): `(prodigy - d * step) * exp(log_scale + exp_mult * s)` with
-`step` Prodigy's own step size, so untrained it is Prodigy (no learning rate at all,
-`step_mult` unused) and the learned factor is relative to Prodigy's estimate.
-With `nominal="adam_hd"` it corrects Adam whose per-tensor learning rate adapts by
-hypergradient descent (`learned_opt.baselines.adam_hd`): as with "adam", times each
-tensor's `exp(log_lr)`, which the state carries; the LSTM also reads that log learning
-rate and the cosine that moved it. Untrained, it is `adam_hd(step_mult)`. With
-`hypergradient_rate_max_log_scale > 0` the LSTM also sets each tensor's hypergradient
-rate (within e^+-that of `hypergradient_rate`), so the learned part can steer how fast
-learning rates adapt, not only scale the step; `nominal_max_log_scale` and
-`nominal_residual_clip` (0 turns the per-coordinate corrections off) bound the rest.
+With a nominal (`learned_opt.nominals`) the network corrects a hand-designed rule instead:
+with `AdamNominal()` ("adam") the update is `-(adam + d) * exp(log_scale + exp_mult * s)
+* step_mult`, an absolute step like Adam's, so the per-tensor LSTM acts as a learned
+step-size controller and the tiny MLPs as bounded per-coordinate corrections; untrained,
+it is Adam at `step_mult`. `ProdigyNominal()` ("prodigy") corrects optax's Prodigy the
+same way, in units of Prodigy's own step size (untrained it is Prodigy, `step_mult`
+unused). `AdamHDNominal()` ("adam_hd") corrects Adam whose per-tensor learning rate
+adapts by hypergradient descent (`learned_opt.baselines.adam_hd`); the LSTM also reads
+each tensor's log learning rate and the cosine that moved it and, with
+`AdamHDNominal(rate_max_log_scale > 0)`, sets each tensor's hypergradient rate (one more
+head output). A nominal may add such LSTM inputs, head outputs and state of its own
+(`nominals.Nominal`); `nominal_max_log_scale` and `nominal_residual_clip` (0 turns the
+per-coordinate corrections off) bound the learned part around any of them.
 
 The head also reads its input linearly (a skip connection), so per-tensor step scales
 that are linear in the statistics (e.g. plain SGD) are exactly representable.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -48,14 +46,10 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
-from learned_opt.baselines import hypergradient as hd
-from learned_opt.base import (MAX_LOG_SCALE, NOMINAL_MAX_LOG_SCALE, NOMINAL_OUT_INIT,
-                              NOMINAL_RESIDUAL_CLIP,
-                              LearnedOptimizer, adam_direction, adam_momentum_index,
-                              cast_like, check_nominal, check_positive, magnitude_update,
-                              nominal_adam_update,
-                              nominal_prodigy_update, prodigy_nominal, prodigy_step_size,
-                              sanitize)
+from learned_opt import nominals
+from learned_opt.base import (MAX_LOG_SCALE, LearnedOptimizer, cast_like, check_positive,
+                              magnitude_update)
+from learned_opt.nominals import NOMINAL_MAX_LOG_SCALE, NOMINAL_RESIDUAL_CLIP
 
 _init = jax.nn.initializers.lecun_normal()
 _TENSOR_STATS = ("log_param_scale", "log_numel", "is_matrix")
@@ -90,7 +84,7 @@ class HierarchicalState(NamedTuple):
   lstm_c: jax.Array   # [n_tensors, tensor_hidden]
   lstm_h: jax.Array   # [n_tensors, tensor_hidden]
   summary: jax.Array  # [tensor_hidden]: mean of lstm_h over tensors, previous step
-  nominal: tuple = ()  # "prodigy": (optax's ProdigyState,); "adam_hd": (log_lr [n],); else ()
+  nominal: tuple = ()  # the nominal's own state (`Nominal.init`); () without one
 
   @property
   def step(self):
@@ -116,22 +110,24 @@ class HierarchicalLOpt(LearnedOptimizer):
     mup_base_fan_in: the fan-in at which the muP multiplier is 1.
     fused: per-parameter MLP path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (tests); see `learned_opt.fused`.
-    nominal: "none" (steps relative to the tensor RMS, above), "adam" (corrections
-      of Adam at `step_mult`; needs the "adam" feature group; XLA path), "adam_hd"
-      (the same around hypergradient-adapted Adam) or "prodigy" (corrections of
-      optax's Prodigy, learning-rate free; XLA path).
-    hypergradient_rate, hypergradient_max_log_lr: with nominal="adam_hd", the
-      `rate` and `max_log_lr` of `learned_opt.baselines.scale_by_adam_hd`.
+    nominal: None (steps relative to the tensor RMS, above) or the
+      `learned_opt.nominals.Nominal` the network corrects (XLA path), e.g.
+      `AdamNominal()`, `AdamHDNominal(rate_max_log_scale=0.693)` or `ProdigyNominal()`.
+      The constructor also takes "none", the names in `nominals.NOMINALS` and
+      `Nominal.config()` dicts.
     nominal_max_log_scale: with a nominal, the learned step factor stays within
       [e^-m, e^m] of the nominal's step (a trust region around a rule known to work).
     nominal_residual_clip: with a nominal, the per-coordinate correction stays within
-      +-this, in units of Adam's direction; 0 leaves the direction Adam's.
-    hypergradient_rate_max_log_scale: with nominal="adam_hd" and > 0, the per-tensor
-      LSTM sets each tensor's hypergradient rate within e^+-this of
-      `hypergradient_rate` (one more head output); 0 keeps the rate fixed.
+      +-this, in units of the nominal's direction; 0 leaves the direction its own.
+    hypergradient_rate, hypergradient_max_log_lr, hypergradient_rate_max_log_scale:
+      init-only spellings of old configs, folded into `AdamHDNominal`'s `rate`,
+      `max_log_lr` and `rate_max_log_scale` (they need nominal "adam_hd").
   """
 
   name: ClassVar[str] = "hierarchical"
+  # Init-only keys that configs may still give (`meta_train` config checks read this).
+  legacy_config_keys: ClassVar[tuple[str, ...]] = (
+      "hypergradient_rate", "hypergradient_max_log_lr", "hypergradient_rate_max_log_scale")
   tensor_hidden: int = struct.field(pytree_node=False, default=32)
   num_mlps: int = struct.field(pytree_node=False, default=4)
   per_param_hidden: int = struct.field(pytree_node=False, default=4)
@@ -147,24 +143,26 @@ class HierarchicalLOpt(LearnedOptimizer):
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
   fused: str = struct.field(pytree_node=False, default="auto")
-  nominal: str = struct.field(pytree_node=False, default="none")
+  nominal: Optional[nominals.Nominal] = struct.field(pytree_node=False, default=None)
   nominal_max_log_scale: float = struct.field(pytree_node=False, default=NOMINAL_MAX_LOG_SCALE)
-  hypergradient_rate: float = struct.field(pytree_node=False, default=hd.DEFAULT_RATE)
-  hypergradient_max_log_lr: float = struct.field(pytree_node=False, default=hd.DEFAULT_MAX_LOG_LR)
   nominal_residual_clip: float = struct.field(pytree_node=False, default=NOMINAL_RESIDUAL_CLIP)
-  hypergradient_rate_max_log_scale: float = struct.field(pytree_node=False, default=0.0)
+  # Old configs' flat adam_hd keys: not stored, folded into the nominal (None: not given).
+  # Init-only, so reading them gives None: read `nominal.rate` etc. (A property reading
+  # the nominal would break `replace`, which passes init-only values back in.)
+  hypergradient_rate: dataclasses.InitVar[Optional[float]] = None
+  hypergradient_max_log_lr: dataclasses.InitVar[Optional[float]] = None
+  hypergradient_rate_max_log_scale: dataclasses.InitVar[Optional[float]] = None
 
-  def __post_init__(self):
-    check_nominal(self.nominal, self.features, self.fused)
+  def __post_init__(self, hypergradient_rate, hypergradient_max_log_lr,
+                    hypergradient_rate_max_log_scale):
+    legacy = {"hypergradient_rate": hypergradient_rate,
+              "hypergradient_max_log_lr": hypergradient_max_log_lr,
+              "hypergradient_rate_max_log_scale": hypergradient_rate_max_log_scale}
+    # Frozen dataclass: the nominal is normalized to a `Nominal` (or None) once, here.
+    object.__setattr__(self, "nominal", nominals.resolve(self.nominal, legacy=legacy))
+    nominals.check(self.nominal, self.features, self.fused)
     check_positive("nominal_max_log_scale", self.nominal_max_log_scale, allow_zero=True)
     check_positive("nominal_residual_clip", self.nominal_residual_clip, allow_zero=True)
-    check_positive("hypergradient_rate_max_log_scale", self.hypergradient_rate_max_log_scale,
-                   allow_zero=True)
-    if self.hypergradient_rate_max_log_scale and self.nominal != "adam_hd":
-      raise ValueError("hypergradient_rate_max_log_scale needs nominal='adam_hd', got "
-                       f"nominal={self.nominal!r}")
-    check_positive("hypergradient_rate", self.hypergradient_rate, allow_zero=True)
-    check_positive("hypergradient_max_log_lr", self.hypergradient_max_log_lr, allow_zero=True)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     for name in ("tensor_hidden", "num_mlps", "per_param_hidden"):
@@ -193,11 +191,14 @@ class HierarchicalLOpt(LearnedOptimizer):
   def _tensor_input_size(self) -> int:
     spec = self.spec
     return (len(spec.tensor_names()) + len(_TENSOR_STATS) + len(spec.global_names())
-            + self.tensor_hidden + (2 if self.nominal == "adam_hd" else 0))
+            + self.tensor_hidden + self._nominal_sizes[0])
 
   @property
-  def _learns_rate(self) -> int:
-    return int(self.hypergradient_rate_max_log_scale > 0)
+  def _nominal_sizes(self) -> tuple[int, int]:
+    """The nominal's extra LSTM inputs and head outputs per tensor."""
+    if self.nominal is None:
+      return 0, 0
+    return self.nominal.num_tensor_inputs, self.nominal.num_head_outputs
 
   def init_meta_params(self, key):
     n_p, hid, k_mlps = len(self.spec.param_names()), self.per_param_hidden, self.num_mlps
@@ -206,7 +207,7 @@ class HierarchicalLOpt(LearnedOptimizer):
     x = jnp.zeros((1, d_in))
     carry = self._cell.initialize_carry(k[0], x.shape)
     lstm = self._cell.init(k[0], carry, x)["params"]
-    n_out = k_mlps + 1 + self._learns_rate  # mixing logits, log step scale[, log rate factor]
+    n_out = k_mlps + 1 + self._nominal_sizes[1]  # mixing logits, log step scale, nominal's
     # Small head: the bank starts uniformly mixed and the step scale near exp(0) = 1.
     theta = {
         "lstm": lstm,
@@ -217,8 +218,8 @@ class HierarchicalLOpt(LearnedOptimizer):
                  "w2": jax.vmap(lambda kk: _init(kk, (hid, 2)))(jax.random.split(k[4], k_mlps)),
                  "b2": jnp.zeros((k_mlps, 2))},
     }
-    if self.nominal != "none":  # untrained == the nominal: corrections start tiny
-      theta["bank"]["w2"] = theta["bank"]["w2"] * NOMINAL_OUT_INIT
+    if self.nominal is not None:  # untrained == the nominal: corrections start tiny
+      theta["bank"]["w2"] = theta["bank"]["w2"] * nominals.NOMINAL_OUT_INIT
     return jax.tree.map(lambda a: a.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
@@ -226,29 +227,24 @@ class HierarchicalLOpt(LearnedOptimizer):
     n = len(jax.tree.leaves(params))
     # Separate buffers: a state that aliases one array twice cannot be donated to jit.
     zeros = lambda: jnp.zeros((n, self.tensor_hidden), jnp.float32)
-    nominal = ()
-    if self.nominal == "prodigy":
-      nominal = (prodigy_nominal().init(jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)),)
-    elif self.nominal == "adam_hd":
-      nominal = (jnp.zeros((n,), jnp.float32),)
+    nominal = () if self.nominal is None else self.nominal.init(
+        [jnp.asarray(p, jnp.float32) for p in jax.tree.leaves(params)])
     return HierarchicalState(feats.init_state(self.spec, params, num_steps), zeros(), zeros(),
                              jnp.zeros((self.tensor_hidden,), jnp.float32), nominal)
 
   def update(self, meta_params, grads, state, params, *, loss=None, key=None, value_fn=None):
     del key
-    nominal_state, hd_inputs, hd_log_lr = state.nominal, [], None
-    # adam_hd's cosine (gradient vs Adam's momentum from before this step) comes from the
-    # features' pass over memory.
+    nominal = self.nominal
     f, fstate = feats.compute(
         self.spec, grads, params, state.features, loss=loss, value_fn=value_fn,
-        cosine_momentum=adam_momentum_index(self.spec) if self.nominal == "adam_hd" else None)
-    if self.nominal == "adam_hd":
-      cos = hd.cosine_from_sums(*f.momentum_sums.T)
-      # The LSTM reads the rate before this step's move, which it may steer.
-      hd_inputs = [jnp.where(jnp.isfinite(cos), cos, 0.0)[:, None], state.nominal[0][:, None]]
+        **({} if nominal is None else nominal.compute_options(self.spec)))
     leaves, treedef = jax.tree.flatten(params)
     n = len(leaves)
     p32 = [jnp.asarray(p, jnp.float32) for p in leaves]
+    nominal_inputs, extra_inputs, carry = None, [], None
+    if nominal is not None:
+      nominal_inputs = nominals.StepInputs(self.spec, f, fstate, jax.tree.leaves(grads), p32)
+      extra_inputs, carry = nominal.tensor_inputs(state.nominal, nominal_inputs)
     names = self.spec.param_names()
     if "param" in names:  # reuse the features' per-tensor RMS: saves a pass over params
       rms = jnp.sqrt(jnp.maximum(jnp.exp(2.0 * f.per_tensor[:, names.index("param")]) - feats.TINY, 0.0))
@@ -261,20 +257,16 @@ class HierarchicalLOpt(LearnedOptimizer):
     x_in = jnp.concatenate([
         f.per_tensor, jnp.log(param_scale)[:, None], shape_stats,
         jnp.broadcast_to(f.global_, (n, f.global_.shape[0])),
-        jnp.broadcast_to(state.summary, (n, self.tensor_hidden))] + hd_inputs, axis=1)
+        jnp.broadcast_to(state.summary, (n, self.tensor_hidden))] + extra_inputs, axis=1)
     (c, h), _ = self._cell.apply({"params": meta_params["lstm"]}, (state.lstm_c, state.lstm_h), x_in)
     head = meta_params["head"]
-    out = h @ head["w_h"] + x_in @ head["w_in"] + head["b"]   # [n, num_mlps + 1]
+    out = h @ head["w_h"] + x_in @ head["w_in"] + head["b"]   # [n, num_mlps + 1 + extra]
     mix = jax.nn.softmax(out[:, :self.num_mlps], axis=-1)      # [n, K]
     log_scale = jnp.clip(out[:, self.num_mlps], -MAX_LOG_SCALE, MAX_LOG_SCALE)
-    if self.nominal == "adam_hd":
-      rate = self.hypergradient_rate
-      if self._learns_rate:
-        r = self.hypergradient_rate_max_log_scale
-        rate = rate * jnp.exp(jnp.clip(out[:, self.num_mlps + 1], -r, r))
-      hd_log_lr = hd.next_log_lr(state.nominal[0], cos, rate=rate,
-                                 max_log_lr=self.hypergradient_max_log_lr)
-      nominal_state = (hd_log_lr,)
+    nominal_values, nominal_state = None, state.nominal
+    if nominal is not None:
+      nominal_values, nominal_state = nominal.advance(state.nominal, nominal_inputs,
+                                                      out[:, self.num_mlps + 1:], carry)
     bank = meta_params["bank"]
     # Mixing weights, not outputs: each coordinate then runs a single tiny MLP.
     w1 = jnp.einsum("nk,kfh->nfh", mix, bank["w1"])
@@ -282,15 +274,8 @@ class HierarchicalLOpt(LearnedOptimizer):
     w2 = jnp.einsum("nk,khd->nhd", mix, bank["w2"])
     b2 = mix @ bank["b2"]
     step = self.step_mult * param_scale * jnp.exp(log_scale)  # [n]
-    prodigy_updates = None
-    if self.nominal == "prodigy":
-      (pstate,) = state.nominal
-      prodigy_step = prodigy_step_size(pstate)
-      g32 = jax.tree.unflatten(treedef, [sanitize(g) for g in jax.tree.leaves(grads)])
-      prodigy_updates, pstate = prodigy_nominal().update(g32, pstate, jax.tree.unflatten(treedef, p32))
-      prodigy_updates, nominal_state = jax.tree.leaves(prodigy_updates), (pstate,)
     new_state = HierarchicalState(fstate, c, h, jnp.mean(h, axis=0), nominal_state)
-    interpret = None if self.nominal != "none" else fused_lib.select(self.fused)
+    interpret = None if nominal is not None else fused_lib.select(self.fused)
     if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
       updates = fused_lib.per_param_updates(
           self.spec, f, fstate, grads, params, w_in=w1, b_in=b1, w_out=w2, b_out=b2,
@@ -305,30 +290,17 @@ class HierarchicalLOpt(LearnedOptimizer):
     w1_raw = w1 * f.inv_rms[:, :, None]
     for i, (chans, p) in enumerate(zip(f.raw, p32)):
       d, s = _tiny_mlp(chans, w1_raw[i], b1[i], w2[i], b2[i])
-      if self.nominal == "adam":
-        u = nominal_adam_update(adam_direction(self.spec, fstate, i), d,
+      if nominal is not None:
+        u = nominal.leaf_update(nominal_values, nominal_inputs, i, d,
                                 log_scale[i] + self.exp_mult * s, step_mult=self.step_mult,
                                 max_log_scale=self.nominal_max_log_scale,
                                 residual_clip=self.nominal_residual_clip)
-      elif self.nominal == "adam_hd":
-        # The learned factor stays within e^+-nominal_max_log_scale of the hypergradient
-        # rate, and their product within the rate's own bound: a learned factor that
-        # compounds with a rate already at its ceiling diverges on long full-batch runs.
-        m, cap = self.nominal_max_log_scale, self.hypergradient_max_log_lr
-        total = jnp.clip(hd_log_lr[i] + jnp.clip(log_scale[i] + self.exp_mult * s, -m, m), -cap, cap)
-        u = nominal_adam_update(adam_direction(self.spec, fstate, i), d, total,
-                                step_mult=self.step_mult, max_log_scale=cap,
-                                residual_clip=self.nominal_residual_clip)
-      elif self.nominal == "prodigy":
-        u = nominal_prodigy_update(prodigy_updates[i], d, log_scale[i] + self.exp_mult * s,
-                                   step=prodigy_step, max_log_scale=self.nominal_max_log_scale,
-                                   residual_clip=self.nominal_residual_clip)
       else:
         u = magnitude_update(d, s, exp_mult=self.exp_mult, step_mult=step[i])
       if self.weight_decay:
         u = u - self.step_mult * self.weight_decay * p
       if self.mup:  # absolute (Adam-like) steps need muP's full 1/fan_in
         u = u * feats.mup_scale(p.shape, base_fan_in=self.mup_base_fan_in,
-                                power=1.0 if self.nominal != "none" else 0.5)
+                                power=1.0 if nominal is not None else 0.5)
       updates.append(u)
     return cast_like(jax.tree.unflatten(treedef, updates), params), new_state

@@ -9,7 +9,8 @@ fraction, loss) are the same for every coordinate of a tensor, so instead of cop
 into every coordinate's input they enter the first layer as a per-tensor bias: same
 function, a fraction of the memory traffic.
 
-With `nominal="adam"` the network instead corrects a hand-designed rule: the update is
+With a nominal (`learned_opt.nominals`, e.g. `nominal=AdamNominal()` or "adam") the
+network instead corrects a hand-designed rule: with Adam the update is
 `-(adam + d) * exp(s) * step_mult`, with Adam's bias-corrected direction m / sqrt(v),
 `d` and `s` clipped, and both output weights initialized near zero, so an untrained
 optimizer is Adam at `step_mult` and meta-training learns per-coordinate corrections
@@ -19,7 +20,7 @@ distribution (the motivation of "nominal" terms in VeLO-style optimizers).
 """
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,8 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
-from learned_opt.base import (NOMINAL_OUT_INIT, LearnedOptimizer, adam_direction, cast_like,
-                              check_nominal, check_positive, magnitude_update,
-                              nominal_adam_update)
+from learned_opt import nominals
+from learned_opt.base import LearnedOptimizer, cast_like, check_positive, magnitude_update
 
 _init = jax.nn.initializers.lecun_normal()
 
@@ -61,10 +61,14 @@ class PerParamMLP(LearnedOptimizer):
     fused: per-parameter network path: "auto" (the fused Pallas kernel on GPU, XLA
       elsewhere), "xla", "pallas" (GPU only) or "interpret" (Pallas interpret mode, for
       tests); see `learned_opt.fused`.
-    nominal: "none" (Metz et al.'s rule above) or "adam": the network's outputs
-      correct Adam's direction (the momentum decay closest to 0.9, with `rms_decay`)
-      and scale its step: `-(adam + clip(d)) * exp(clip(exp_mult * s)) * step_mult`.
-      Needs the "adam" feature group; runs on the XLA path.
+    nominal: None (Metz et al.'s rule above) or a `learned_opt.nominals.Nominal` that
+      keeps no state and needs no per-tensor network, e.g. `AdamNominal()`: the
+      network's outputs correct Adam's direction (the momentum decay closest to 0.9,
+      with `rms_decay`) and scale its step: `-(adam + clip(d)) * exp(clip(exp_mult *
+      s)) * step_mult`, within the default trust region (`nominals.
+      NOMINAL_RESIDUAL_CLIP`, `NOMINAL_MAX_LOG_SCALE`). Runs on the XLA path. The
+      constructor also takes "none", the names in `nominals.NOMINALS` and
+      `Nominal.config()` dicts.
   """
 
   name: ClassVar[str] = "per_param_mlp"
@@ -80,10 +84,13 @@ class PerParamMLP(LearnedOptimizer):
   mup: bool = struct.field(pytree_node=False, default=False)
   mup_base_fan_in: int = struct.field(pytree_node=False, default=32)
   fused: str = struct.field(pytree_node=False, default="auto")
-  nominal: str = struct.field(pytree_node=False, default="none")
+  nominal: Optional[nominals.Nominal] = struct.field(pytree_node=False, default=None)
 
   def __post_init__(self):
-    check_nominal(self.nominal, self.features, self.fused, allowed=("none", "adam"))
+    given = self.nominal
+    object.__setattr__(self, "nominal", nominals.resolve(given))  # frozen: normalize once
+    self._check_nominal_fits(given)
+    nominals.check(self.nominal, self.features, self.fused)
     if self.fused not in fused_lib.MODES:
       raise ValueError(f"fused must be one of {fused_lib.MODES}, got {self.fused!r}")
     if not self.hidden_sizes or not all(isinstance(h, int) and h > 0 for h in self.hidden_sizes):
@@ -94,6 +101,20 @@ class PerParamMLP(LearnedOptimizer):
     check_positive("weight_decay", self.weight_decay, allow_zero=True)
     check_positive("mup_base_fan_in", self.mup_base_fan_in)
     self.spec  # validates the feature selection now, not at the first update
+
+  def _check_nominal_fits(self, given: Any) -> None:
+    nominal = self.nominal
+    if nominal is None:
+      return
+    # Nothing here reads LSTM inputs or head outputs, and the state has no nominal slot.
+    needs = [what for what, used in (("keeps state", nominal.keeps_state),
+                                     ("reads per-tensor inputs", nominal.num_tensor_inputs),
+                                     ("has head outputs", nominal.num_head_outputs)) if used]
+    if needs:
+      raise ValueError(f"PerParamMLP has no per-tensor network or nominal state, so its "
+                       f"nominal must need neither (e.g. 'adam' / AdamNominal()); got "
+                       f"nominal={given!r}, which {' and '.join(needs)} (use "
+                       f"HierarchicalLOpt)")
 
   @property
   def spec(self) -> feats.FeatureSpec:
@@ -117,8 +138,8 @@ class PerParamMLP(LearnedOptimizer):
                    for k, a, b in zip(keys[3:], sizes[1:-1], sizes[2:])],
         "out": {"w": _init(keys[-1], (sizes[-1], 2)), "b": jnp.zeros((2,))},
     }
-    if self.nominal == "adam":  # start as Adam: corrections and log-scale near zero
-      theta["out"]["w"] = theta["out"]["w"] * NOMINAL_OUT_INIT
+    if self.nominal is not None:  # start as the nominal: corrections and log-scale near zero
+      theta["out"]["w"] = theta["out"]["w"] * nominals.NOMINAL_OUT_INIT
     return jax.tree.map(lambda x: x.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
@@ -134,7 +155,7 @@ class PerParamMLP(LearnedOptimizer):
     # [n_leaves, H1]: everything a tensor's coordinates share, folded into one bias.
     bias = f.per_tensor @ theta["w_tensor"] + glob @ theta["w_global"] + theta["b1"]
     leaves, treedef = jax.tree.flatten(params)
-    interpret = None if self.nominal == "adam" else fused_lib.select(self.fused)
+    interpret = None if self.nominal is not None else fused_lib.select(self.fused)
     if interpret is not None:  # one kernel per tensor: features and MLP stay in registers
       out = fused_lib.per_param_updates(
           self.spec, f, fstate, grads, params, w_in=theta["w_param"], b_in=bias,
@@ -144,16 +165,25 @@ class PerParamMLP(LearnedOptimizer):
           out_scales=[feats.mup_scale(jnp.shape(p), base_fan_in=self.mup_base_fan_in)
                       for p in leaves] if self.mup else None)
       return cast_like(jax.tree.unflatten(treedef, out), params), PerParamMLPState(fstate)
-    out = []
+    out, nominal_inputs, nominal_values = [], None, None
+    if self.nominal is not None:
+      nominal_inputs = nominals.StepInputs(self.spec, f, fstate, jax.tree.leaves(grads),
+                                           [jnp.asarray(p, jnp.float32) for p in leaves])
+      # Checked at construction: no state, no LSTM columns, no head outputs.
+      _, carry = self.nominal.tensor_inputs((), nominal_inputs)
+      nominal_values, _ = self.nominal.advance(
+          (), nominal_inputs, jnp.zeros((len(leaves), 0), jnp.float32), carry)
     for i, p in enumerate(leaves):
       x = feats.stack_raw(f, i)  # [N, F]; the normalizers fold into the first layer
       h = jax.nn.relu(x @ (f.inv_rms[i][:, None] * theta["w_param"]) + bias[i])
       for layer in theta["hidden"]:
         h = jax.nn.relu(h @ layer["w"] + layer["b"])
       o = (h @ theta["out"]["w"] + theta["out"]["b"]).reshape(jnp.shape(p) + (2,))
-      if self.nominal == "adam":
-        u = nominal_adam_update(adam_direction(self.spec, fstate, i), o[..., 0],
-                                self.exp_mult * o[..., 1], step_mult=self.step_mult)
+      if self.nominal is not None:
+        u = self.nominal.leaf_update(
+            nominal_values, nominal_inputs, i, o[..., 0], self.exp_mult * o[..., 1],
+            step_mult=self.step_mult, max_log_scale=nominals.NOMINAL_MAX_LOG_SCALE,
+            residual_clip=nominals.NOMINAL_RESIDUAL_CLIP)
       else:
         u = magnitude_update(o[..., 0], o[..., 1], exp_mult=self.exp_mult,
                              step_mult=self.step_mult)

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt import HierarchicalLOpt
+from learned_opt import HierarchicalLOpt, nominals
 from learned_opt.baselines import adam_hd, scale_by_adam_hd
 
 
@@ -106,7 +106,8 @@ def test_bad_settings_are_named():
     adam_hd(rate=-1)
   with pytest.raises(ValueError, match="learning_rate must be a number > 0, got 0"):
     adam_hd(0)
-  with pytest.raises(ValueError, match="hypergradient_rate must be a number >= 0"):
+  with pytest.raises(ValueError, match=r"hypergradient_rate=-0.1 \(AdamHDNominal.rate\): rate "
+                                       "must be a number >= 0"):
     HierarchicalLOpt(nominal="adam_hd", features=("grad", "adam"), hypergradient_rate=-0.1)
   with pytest.raises(ValueError, match="needs the 'adam' feature group"):
     HierarchicalLOpt(nominal="adam_hd", features=("grad", "momentum"))
@@ -148,7 +149,7 @@ def test_hierarchical_adam_hd_checkpoint_round_trip(tmp_path):
   theta = lopt.init_meta_params(jax.random.key(0))
   learned_opt.save(tmp_path / "hd.lopt", lopt, theta)
   lopt2, theta2, _ = learned_opt.load(tmp_path / "hd.lopt")
-  assert lopt2 == lopt and lopt2.hypergradient_rate == 0.02
+  assert lopt2 == lopt and lopt2.nominal == nominals.AdamHDNominal(rate=0.02, max_log_lr=4.0)
   for x, y in zip(jax.tree.leaves(theta), jax.tree.leaves(theta2)):
     np.testing.assert_array_equal(x, y)
 

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import learned_opt
-from learned_opt import HierarchicalLOpt, PerParamMLP
+from learned_opt import HierarchicalLOpt, PerParamMLP, nominals
 
 
 def _params(key):
@@ -131,7 +131,7 @@ def test_prodigy_nominal_scale_correction_bounds_and_jit():
   loss, g = jax.value_and_grad(_loss)(params)
   u0, _ = update(theta, g, state, params, loss=loss)
   (pstate,) = state.nominal
-  step = float(learned_opt.base.prodigy_step_size(pstate))
+  step = float(nominals.prodigy_step_size(pstate))
   # A head bias of log 2 on the step-scale output doubles every update.
   head = dict(theta["head"], b=theta["head"]["b"].at[lopt.num_mlps].set(np.log(2.0)))
   u2, _ = update(dict(theta, head=head), g, state, params, loss=loss)
@@ -142,7 +142,8 @@ def test_prodigy_nominal_scale_correction_bounds_and_jit():
   u3, _ = update(wild, g, state, params, loss=loss)
   for a, b in zip(jax.tree.leaves(u3), jax.tree.leaves(u0)):
     assert bool(jnp.all(jnp.abs(a) <= (jnp.abs(b) + 3.0 * step) * np.exp(4.0) * 1.001))
-  with pytest.raises(ValueError, match=r"nominal must be one of \('none', 'adam'\), got 'prodigy'"):
+  with pytest.raises(ValueError, match=r"PerParamMLP has no per-tensor network or nominal "
+                                       r"state.*got nominal='prodigy', which keeps state"):
     PerParamMLP(nominal="prodigy")
   # A tighter trust region around Prodigy: |update| <= (|prodigy| + 3 step) * e^0.5.
   tight = _prodigy_lopt(nominal_max_log_scale=0.5)
@@ -158,7 +159,7 @@ def test_prodigy_nominal_checkpoint_round_trip(tmp_path):
   theta = lopt.init_meta_params(jax.random.key(0))
   learned_opt.save(tmp_path / "p.lopt", lopt, theta)
   lopt2, theta2, _ = learned_opt.load(tmp_path / "p.lopt")
-  assert lopt2 == lopt and lopt2.nominal == "prodigy"
+  assert lopt2 == lopt and lopt2.nominal == nominals.ProdigyNominal()
   params = _params(jax.random.key(1))
   a = _run(learned_opt.to_optax(lopt, theta, num_steps=10), params, steps=3)
   b = _run(learned_opt.to_optax(lopt2, theta2, num_steps=10), params, steps=3)
