@@ -37,5 +37,7 @@ from learned_opt.features import FeatureSpec
 from learned_opt.hierarchical import HierarchicalLOpt
 from learned_opt.lstm_lopt import PerParamLSTM
 from learned_opt.mlp_lopt import PerParamMLP
+from learned_opt.nominals import (AdamHDNominal, AdamNominal, Nominal, ProdigyNominal,
+                                  register_nominal)
 from learned_opt.optax_adapter import to_optax
 from learned_opt.registry import ARCHITECTURES, get_architecture, register_architecture

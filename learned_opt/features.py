@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from learned_opt import _sums
 from learned_opt.base import sanitize
-from learned_opt.baselines import saferate as saferate_lib
+from learned_opt.baselines.saferate import saferate_step
 # The state's types and accessors are part of this module's API (re-exported).
 from learned_opt.feature_state import (FeatureState, advance_moments,  # noqa: F401
                                        init_state, is_matrix, moment_decays, moment_rows,
@@ -291,7 +291,7 @@ def _saferate_channels(spec: FeatureSpec, params, accs, value_fn):
   leaves, treedef = jax.tree.flatten(params)
   direction_tree = jax.tree.unflatten(
       treedef, [d.astype(jnp.asarray(p).dtype) for d, p in zip(direction, leaves)])
-  eta, _ = saferate_lib.saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
+  eta, _ = saferate_step(value_fn, params, direction_tree, SAFERATE_MAX_LR)
   return [jnp.asarray(eta, jnp.float32) * d for d in direction]
 
 
