@@ -5,14 +5,29 @@ One file holds one learned optimizer:
     MAGIC (8 bytes, b"LOPTCKPT")
     header length (4 bytes, little-endian uint32)
     header: UTF-8 JSON {format_version, architecture, config, features, info,
-                        lopt_version, weights_sha256}
+                        lopt_version, weights_sha256, content_sha256}
     weights: msgpack of the meta-parameters (`flax.serialization.msgpack_serialize` of a
              nested dict of numpy arrays)
 
 No pickle and no imports by name: the architecture is rebuilt from the registry
 (`learned_opt.registry.ARCHITECTURES`, header name -> class) and its JSON config, and the weights are plain
 arrays checked leaf by leaf against the shapes the architecture expects. Loading
-therefore runs no code from the file. The SHA-256 of the weights detects corruption.
+therefore runs no code from the file.
+
+Integrity. `weights_sha256` is the SHA-256 of the weights bytes; `content_sha256`
+(format version 2) covers the whole file: the SHA-256 of the header with that one field
+removed, as canonical JSON (sorted keys, no spaces, ASCII), followed by the weights
+(`_content_digest`). A flipped byte anywhere, e.g. a `step_mult` of 0.001 edited to
+0.011, therefore fails to load instead of loading a different optimizer. Canonical
+JSON rather than the raw header bytes because the digest is stored inside the header;
+Python's JSON writes floats in their shortest round-trip form, so parsing and
+re-serializing gives back exactly the bytes that were hashed at save time.
+
+Format version 1 files (written before version 2; the shipped checkpoints among them)
+have only `weights_sha256`: they still load, but their header is not covered by any
+hash. `weights_sha256` stays in version 2 headers because it also fingerprints a
+learned optimizer elsewhere (`meta_train/eval` caches results under it), and it lets a
+mismatch say whether the weights or the header changed.
 """
 from __future__ import annotations
 
@@ -35,13 +50,45 @@ from learned_opt.optax_adapter import to_optax
 from learned_opt.version import __version__
 
 MAGIC = b"LOPTCKPT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1: only the weights are hashed (`weights_sha256`); read but no longer written.
+_CONTENT_DIGEST_FROM_VERSION = 2
 EXTENSION = ".lopt"
 ARCHITECTURES = registry.ARCHITECTURES  # the one registry (same dict)
 
 
 class CheckpointError(ValueError):
   """A `.lopt` file that cannot be loaded (corrupt, too new, or inconsistent)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """No file at the path given. Also a `FileNotFoundError`, which `load` raised before,
+  so code catching that keeps working; also a `ValueError` (as `CheckpointError`), which
+  the `lopt` command prints as one line."""
+
+
+def _content_digest(header: dict[str, Any], weights: bytes) -> str:
+  """SHA-256 over the canonical JSON of `header` without `content_sha256`, then `weights`."""
+  rest = {k: v for k, v in header.items() if k != "content_sha256"}
+  canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+  # The length prefix makes the split between header and weights part of what is hashed.
+  return hashlib.sha256(pystruct.pack("<Q", len(canonical)) + canonical + weights).hexdigest()
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+  """The bytes of the file at `path`, or a CheckpointError naming the path and what was
+  expected (a directory or a missing path otherwise raise a bare OSError)."""
+  where = os.fspath(path)
+  if os.path.isdir(where):
+    raise CheckpointError(f"{where} is a directory; expected a {EXTENSION} file written by "
+                          "learned_opt.save")
+  try:
+    with open(where, "rb") as fh:
+      return fh.read()
+  except FileNotFoundError as e:
+    raise CheckpointNotFoundError(f"no such file: {where}; expected a {EXTENSION} file written "
+                                  "by learned_opt.save (shipped ones: learned_opt.list_pretrained())"
+                                  ) from e
 
 
 def _version() -> str:
@@ -77,16 +124,20 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params,
       "weights_sha256": hashlib.sha256(weights).hexdigest(),
   }
   try:
+    header["content_sha256"] = _content_digest(header, weights)
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
-  except TypeError as e:
+  except (TypeError, ValueError) as e:
     raise ValueError(f"info must be JSON-serializable (numbers, strings, lists, dicts): {e}") from e
   blob = MAGIC + pystruct.pack("<I", len(header_bytes)) + header_bytes + weights
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+  # A dot-name that starts with the target's, so a temp file left by a kill is recognizable.
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as fh:
       fh.write(blob)
+      fh.flush()
+      os.fsync(fh.fileno())  # the rename must not land before the bytes do
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -95,9 +146,14 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params,
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-  """The JSON header of a `.lopt` file (cheap: the weights are not decoded)."""
-  with open(path, "rb") as fh:
-    header, _ = _split(fh.read(), str(path))
+  """The JSON header of a `.lopt` file (cheap: the weights are hashed, not decoded).
+
+  Raises:
+    CheckpointError: as `load` for a missing, truncated or corrupt file.
+  """
+  where = os.fspath(path)
+  header, weights = _split(_read_bytes(where), where)
+  _verify(header, weights, where)
   return header
 
 
@@ -119,10 +175,38 @@ def _split(blob: bytes, where: str) -> tuple[dict, bytes]:
   if not isinstance(header, dict) or "format_version" not in header:
     raise CheckpointError(f"{where} header lacks 'format_version'")
   version = header["format_version"]
-  if not isinstance(version, int) or version > FORMAT_VERSION:
+  if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    raise CheckpointError(f"{where} has format version {version!r}; expected an int from 1 "
+                          f"to {FORMAT_VERSION}")
+  if version > FORMAT_VERSION:
     raise CheckpointError(f"{where} has format version {version!r}; this lopt "
                           f"({_version()}) reads versions <= {FORMAT_VERSION}: upgrade lopt")
   return header, blob[start + n:]
+
+
+def _verify(header: dict, weights: bytes, where: str) -> None:
+  """Checks the digests: the weights' (every version) and the whole content's (v2+)."""
+  version = header["format_version"]
+  required = ["weights_sha256"]
+  if version >= _CONTENT_DIGEST_FROM_VERSION:
+    required.append("content_sha256")
+  for key in required:
+    if not isinstance(header.get(key), str):
+      raise CheckpointError(f"{where} header lacks {key!r} (format version {version} has it)")
+  actual = hashlib.sha256(weights).hexdigest()
+  if actual != header["weights_sha256"]:
+    raise CheckpointError(f"{where} is corrupt: the weights' SHA-256 ({actual[:16]}...) does not "
+                          f"match the header's weights_sha256 ({header['weights_sha256'][:16]}...)")
+  if version >= _CONTENT_DIGEST_FROM_VERSION:
+    actual = _content_digest(header, weights)
+    if actual != header["content_sha256"]:
+      # The weights matched above, so what changed is the header (a config value, the
+      # feature list, info, ...).
+      raise CheckpointError(
+          f"{where} is corrupt: its header does not match content_sha256 ({actual[:16]}... "
+          f"computed, {header['content_sha256'][:16]}... stored); the weights are intact, so "
+          "a header value (config, features, info) was changed after saving. To keep an "
+          "intended edit, load the original and save again with learned_opt.save")
 
 
 def _check_weights(lopt: LearnedOptimizer, state: dict, *, where: str) -> None:
@@ -146,18 +230,18 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, Any, dict[str, Any]
   """Reads a `.lopt` file: returns `(lopt, meta_params, info)`.
 
   Raises:
-    CheckpointError: the file is not a lopt checkpoint, is truncated or corrupt, has a
-      newer format version, names an unknown architecture, or its config, feature list
-      or weight shapes disagree with the architecture.
+    CheckpointNotFoundError: nothing at `path` (also a `FileNotFoundError`).
+    CheckpointError: `path` is a directory; the file is not a lopt checkpoint, is
+      truncated or corrupt (a digest mismatch: weights, or for format version 2 the
+      header too), has a newer format version, names an unknown architecture, or its
+      config, feature list or weight shapes disagree with the architecture.
   """
-  where = str(path)
-  with open(path, "rb") as fh:
-    header, weights = _split(fh.read(), where)
-  for key in ("architecture", "config", "features", "weights_sha256"):
+  where = os.fspath(path)
+  header, weights = _split(_read_bytes(where), where)
+  _verify(header, weights, where)
+  for key in ("architecture", "config", "features"):
     if key not in header:
       raise CheckpointError(f"{where} header lacks {key!r}")
-  if hashlib.sha256(weights).hexdigest() != header["weights_sha256"]:
-    raise CheckpointError(f"{where} is corrupt: the weights' SHA-256 does not match the header")
   arch = header["architecture"]
   if arch not in ARCHITECTURES:
     raise CheckpointError(f"{where} names architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
