@@ -3,7 +3,8 @@
 `HELDOUT_SUITE` holds other datasets, architectures, 4x wider models and 10x longer
 horizons than meta-training, including the real MNIST files and tiny shakespeare;
 `HELDOUT_SHORT` the cheap ones at reduced budgets; `HELDOUT_OFFLINE` a suite on generated
-data only (the README Quickstart's); `SAFEGUARD_SUITE` full-batch tasks built so that a
+data only (the README Quickstart's); `HELDOUT_SCALE` models >= 100x the meta-training
+tasks' size at realistic budgets; `SAFEGUARD_SUITE` full-batch tasks built so that a
 plain learned optimizer is likely to fail: parameters rescaled 1000x smaller (a step of
 the size the optimizer learned is then 1000x too large in the model's own coordinates)
 and a 10x longer horizon; SafeRate must never increase the full-batch loss there. Suite
@@ -129,9 +130,34 @@ SAFEGUARD_SUITE: dict[str, SuiteTask] = {t.name: t for t in [
         full_batch=True),
 ]}
 
+# Scale transfer, the question the field asks first (Celo2 meta-trains on 2.4k-parameter
+# MLPs and evaluates up to 1.3B): each task has >= 100x the parameters of the tiny image
+# MLP recipe's largest meta-training task (64-32-10 on 8x8 inputs: 2,410 parameters) at a
+# realistic budget. Per-step times on 2 CPU cores (Adam, busy machine): 0.15 s, 0.2 s and
+# 0.03 s; `lopt eval --suite heldout_scale` runs a learned optimizer on all three with 3
+# seeds in about half an hour there.
+SCALE_REFERENCE_PARAMS = 2410
+HELDOUT_SCALE: dict[str, SuiteTask] = {t.name: t for t in [
+    SuiteTask("transformer_scale_tiny_shakespeare",
+              lambda d: TransformerLMFamily(_txt("tiny_shakespeare")(d), model_dim=128, num_heads=4,
+                                            num_layers=3, seq_len=128, batch_size_range=(16, 16)),
+              2000, "tiny_shakespeare", "transformer LM, d=128, 3 layers, sequence 128, "
+              "batch 16 (628k parameters, 261x)"),
+    SuiteTask("conv_scale_mnist",
+              lambda d: ConvNetFamily(_img("mnist")(d), channels=(16, 32, 64, 128, 128),
+                                      batch_size_range=(64, 64)),
+              1000, "mnist", "5-layer strided conv net on 28x28 MNIST, batch 64 (246k "
+              "parameters, 102x)"),
+    SuiteTask("mlp_scale_mnist",
+              lambda d: MLPImageFamily(_img("mnist")(d), width_range=(1024, 1024), max_depth=2,
+                                       batch_size_range=(128, 128)),
+              2000, "mnist", "MLP 784-1024-1024-10 on MNIST, batch 128 (1.86M parameters, 773x)"),
+]}
+
 SUITES: dict[str, dict[str, SuiteTask]] = {
     "heldout": HELDOUT_SUITE, "heldout_short": HELDOUT_SHORT,
-    "heldout_offline": HELDOUT_OFFLINE, "safeguard": SAFEGUARD_SUITE}
+    "heldout_offline": HELDOUT_OFFLINE, "safeguard": SAFEGUARD_SUITE,
+    "heldout_scale": HELDOUT_SCALE}
 
 
 def get_suite(name: str, data_dir: Optional[str] = None) -> dict[str, SuiteTask]:

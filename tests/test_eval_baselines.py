@@ -184,3 +184,20 @@ def test_summary_reports_iqm_beats_each_baseline_and_worst_ratios():
   assert s["iqm_speedup"] == pytest.approx(M.iqm([1.5, 2.5, 0.5, 1.0]))  # = 1.25
   lo, hi = s["iqm_speedup_ci95"]
   assert lo <= s["iqm_speedup"] <= hi
+
+
+def test_scale_suite_tasks_are_100x_the_meta_training_tasks_at_realistic_budgets(monkeypatch):
+  from learned_opt.tasks import datasets, suites
+  # Parameter counts do not depend on the data's values: build on generated stand-ins of
+  # the same shapes (the builders look the data up when called).
+  monkeypatch.setattr(suites, "_img", lambda name: lambda d: datasets.synthetic_images(
+      image_shape=(28, 28, 1)))
+  monkeypatch.setattr(suites, "_txt", lambda name: lambda d: datasets.synthetic_text(vocab_size=65))
+  scale = suites.get_suite("heldout_scale")
+  assert len(scale) >= 3
+  for name, st in scale.items():
+    task = st.build(None).task()
+    n = sum(x.size for x in jax.tree.leaves(jax.eval_shape(task.init, jax.random.key(0))))
+    assert n >= 100 * suites.SCALE_REFERENCE_PARAMS, (name, n)
+  lm = scale["transformer_scale_tiny_shakespeare"]
+  assert lm.num_steps >= 2000 and lm.build(None).seq_len >= 128
