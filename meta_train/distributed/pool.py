@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import ray
+import ray.exceptions
 from flax import struct
 
 from learned_opt.meta_train.learner import outer
@@ -60,12 +61,48 @@ class RayPools:
 
 
 # ---- starting Ray ------------------------------------------------------------------------
+class ClusterJoinError(ValueError):
+  """Ray could not join the cluster at the given address (wrong address, or the
+  cluster's token authentication and this process's token disagree). A ValueError, so
+  `lopt` prints it as one line."""
+
+
+def _token_source() -> str | None:
+  """Where Ray would read an authentication token from (RAY_AUTH_TOKEN, the file at
+  RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token, in Ray's order), or None."""
+  if os.environ.get("RAY_AUTH_TOKEN"):
+    return "RAY_AUTH_TOKEN"
+  path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+  return path if os.path.isfile(path) and os.path.getsize(path) > 0 else None
+
+
+def _use_token_auth_if_available() -> str | None:
+  """Turns Ray's token authentication on for this process (and the processes it
+  starts) when a token is at hand and RAY_AUTH_MODE is unset; returns the token's source.
+
+  What `ray start` and `ray.init(address="auto")` do: since Ray 2.60 a head node
+  started next to a token (`ray start --head` writes ~/.ray/auth_token) requires it,
+  but `ray.init` given an explicit HOST:PORT leaves token mode off, so the documented
+  `--ray-address HOST:PORT` failed with InvalidAuthToken although the token was there.
+  """
+  source = _token_source()
+  if os.environ.get("RAY_AUTH_MODE") is not None or source is None:
+    return None
+  os.environ["RAY_AUTH_MODE"] = "token"
+  # Ray reads RAY_AUTH_MODE into its cached config when it is imported; re-read it, as
+  # Ray's own `_enable_token_auth` does.
+  ray._raylet.Config.initialize("")
+  return source
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
   """Joins a running Ray cluster, or starts an embedded local one.
 
-  Token authentication stays as Ray configures it (on by default for a local Ray):
-  joining a cluster needs its token (RAY_AUTH_TOKEN or ~/.ray/auth_token), see
-  docs/ray.md. A local Ray runs its workers at normal priority (Ray's default is nice 15).
+  Joining picks up the cluster's token authentication as Ray's CLI does: with
+  RAY_AUTH_MODE unset and a token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+  ~/.ray/auth_token, token mode is turned on (docs/ray.md). A local Ray keeps Ray's
+  defaults (token auth on) and runs its workers at normal priority (Ray's default is
+  nice 15).
 
   Args:
     address: None: start a local Ray in this process's machine; "auto" or "HOST:PORT":
@@ -74,11 +111,25 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
 
   Returns:
     Whether this call started Ray (and so who should shut it down).
+
+  Raises:
+    ClusterJoinError: the cluster could not be joined (one line saying what to check).
   """
   if ray.is_initialized():
     return False
   if address is not None:
-    ray.init(address=address, log_to_driver=False)
+    source = _use_token_auth_if_available()
+    if source is not None:
+      log.info("joining %s with token authentication (token from %s)", address, source)
+    try:
+      ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+      mode = os.environ.get("RAY_AUTH_MODE", "unset")
+      raise ClusterJoinError(
+          f"could not join the Ray cluster at {address} ({(str(e).splitlines() or [''])[0]}); "
+          f"RAY_AUTH_MODE is {mode}, token: {_token_source() or 'none found'}. A cluster with "
+          "token authentication (Ray's default) needs its token: copy the head node's "
+          "~/.ray/auth_token here or set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)") from None
   else:
     # Ray starts workers at niceness 15 so that its own daemons stay responsive; here
     # the workers are the computation, so on a machine shared with other work they
