@@ -152,10 +152,10 @@ def test_one_and_two_workers_give_identical_meta_params(pool):
     assert all(h["units_used"] == 4 and h["worker_failures"] == 0 for h in hist)
     assert all(h["graph_step"] == 1 for h in hist)   # synchronous: one compiled graph per step
     assert hist[0]["pool_inits"] == workers and all(h["pool_inits"] == 0 for h in hist[1:])
-    # Where a step's time goes: transit both ways is measured (a prefetched call may
-    # start, and finish, before its step does, so no bound by the step's own wait).
+    # Where a step's time goes: transit both ways is measured. Only presence and sign:
+    # how long it takes depends on the machine's load (benchmarks/ray_scaling.py times it).
     for h in hist:
-      assert 0 < h["transit_to_s"] < 10 and 0 < h["transit_back_s"] < 10
+      assert h["transit_to_s"] > 0 and h["transit_back_s"] > 0
   assert _equal(finals[1][0], finals[2][0])      # theta, outer optimizer state, step
   assert _equal(finals[1][1], finals[2][1])      # every inner task of the pools
   # The estimator of the in-process trainer: same keys and pools, summed in another order.
