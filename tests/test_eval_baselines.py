@@ -55,6 +55,18 @@ def test_each_new_baseline_equals_the_optax_call_it_wraps(name, reference):
   assert not np.allclose(ours[-1]["dense"]["kernel"], _params()["dense"]["kernel"])  # it moved
 
 
+@pytest.mark.parametrize("name", ["adamw_cosine", "muon_cosine", "schedule_free_adamw"])
+def test_new_baselines_run_their_grid_vmapped(name):
+  # The peak rate is traced inside `run_grid`: one compilation for the whole grid.
+  task = tasks.QuadraticFamily(dim=4).task()
+  cand = candidates.resolve(name, lr_grid=(1e-2, 1e-1))
+  losses, final, _ = evaluation.run_grid(task, jnp.asarray(cand.grid), evaluation.seed_keys(1),
+                                         None, make=cand.make, num_steps=20, full_batch=False,
+                                         eval_params=cand.eval_params)
+  assert losses.shape == (2, 1, 20) and np.all(np.isfinite(final))
+  assert float(final[1, 0]) < float(losses[1, 0, 0])  # the larger rate trained in 20 steps
+
+
 def test_warmup_cosine_schedule_is_the_one_stated():
   peak, T = 0.3, 1000
   sched = scheduled.warmup_cosine(peak, T)

@@ -38,10 +38,13 @@ def warmup_cosine(learning_rate: Any, num_steps: int, *,
     num_steps: the step budget; the rate is 0 at step `num_steps`.
     warmup_fraction: share of the budget spent warming up (at least one step).
   """
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=learning_rate,
-      warmup_steps=warmup_steps(num_steps, warmup_fraction), decay_steps=num_steps,
-      end_value=0.0)
+  # The schedule is linear in its peak (it starts and ends at 0), so the peak multiplies
+  # optax's unit schedule: optax's own function branches on the peak in Python, which a
+  # traced (vmapped) peak cannot do.
+  unit = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=1.0, warmup_steps=warmup_steps(num_steps, warmup_fraction),
+      decay_steps=num_steps, end_value=0.0)
+  return lambda count: learning_rate * unit(count)
 
 
 def adamw_cosine(learning_rate: Any, num_steps: int, *, weight_decay: float = ADAMW_WEIGHT_DECAY,
