@@ -35,7 +35,9 @@ class SafeRateInfo(NamedTuple):
     step_size: the eta taken (0 when the bound was not finite).
     max_step_size: the trust region eta_max the bound was computed on.
     value: f(0), the loss at the current parameters.
-    slope: f'(0), the loss's derivative along the direction.
+    slope: f'(0), the loss's derivative along the direction: the enclosure's own slope,
+      with stop_gradient read as the identity (the value's derivative), not grads . d
+      (a gradient taken through stop_gradient is a semi-gradient).
     curvature_bound: B, the upper end of the remainder interval.
     curvature_lower: the lower end of the remainder interval.
     predicted_value: the upper bound f(0) + f'(0) eta + B eta^2 at the eta taken.

@@ -13,9 +13,15 @@ Activations spelled out in several primitives (gelu, silu) get one sharp rule (`
 Nested calls (`jit`, `custom_jvp_call`, `custom_vjp_call`, `checkpoint`) are inlined;
 `cond`/`switch` on an index that does not depend on eta runs the selected branch (or a
 `lax.switch` of interpreted branches when the index is only known at run time); `scan`
-runs as a `lax.scan` whose carry holds enclosures. `stop_gradient(v)` is read as the
-constant v(0): the losses here use it only on shift-invariant stabilizers (the max in
-logsumexp and softmax), whose value does not change the result.
+runs as a `lax.scan` whose carry holds enclosures.
+
+`stop_gradient(v)` is the identity here: the bound is about the value f(eta), and the
+value of stop_gradient(v) at eta is v(eta) (reading it as the constant v(0), as this
+module once did, made the bound of a loss normalized by stop_gradient(norm(w)), or of
+a TD target, unsound, and its slope the semi-gradient rather than f'(0)). The one
+exception is a shift-invariant stabilizer (the max in softmax, log_softmax, logsumexp):
+`stabilizers.find` proves the needed outputs do not depend on its value, and only then
+is it read as v(0), which is exact and keeps those bounds as tight as before.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from jax._src import source_info_util  # error messages only: where in the user'
 from learned_opt.bounds import enclosure as enc
 from learned_opt.bounds import fusion
 from learned_opt.bounds import rules
+from learned_opt.bounds import stabilizers
 from learned_opt.bounds.jaxpr_utils import UnsupportedPrimitiveError, bind, forward_dependence
 from learned_opt.bounds.enclosure import Enclosure
 from learned_opt.bounds.interval import Interval
@@ -71,11 +78,13 @@ def _read(env, v):
   return v.val if isinstance(v, jcore.Literal) else env[v]
 
 
-def _needed(jaxpr, out_needed: Sequence[bool]) -> set:
-  """Variables whose enclosure (not just their value at eta = 0) the outputs need."""
+def _needed(jaxpr, out_needed: Sequence[bool], constant: set) -> set:
+  """Variables whose enclosure (not just their value at eta = 0) the outputs need;
+  `constant` holds the indices of equations read at eta = 0 (stabilizers)."""
   need = {v for v, n in zip(jaxpr.outvars, out_needed) if n and isinstance(v, jcore.Var)}
-  for eqn in reversed(jaxpr.eqns):
-    if eqn.primitive.name == "stop_gradient":
+  for i in reversed(range(len(jaxpr.eqns))):
+    eqn = jaxpr.eqns[i]
+    if i in constant:
       continue
     if any(isinstance(o, jcore.Var) and o in need for o in eqn.outvars):
       need.update(v for v in eqn.invars if isinstance(v, jcore.Var))
@@ -103,14 +112,15 @@ def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn", ranges=Fa
     args: values of its invars: arrays (constant in eta) or `Enclosure`s.
     t: the trust region (scalar, eta in [0, t]).
     out_needed: which outputs must be enclosures (default: all); values that feed only
-      unneeded outputs or `stop_gradient` are evaluated at eta = 0 instead.
+      unneeded outputs or stabilizers (`stabilizers.find`) are evaluated at eta = 0.
     stack: the names of the enclosing functions, for error messages.
     ranges: whether matmuls and convolutions carry value ranges (set inside `scan`).
   Returns:
     The outputs, each an array or an `Enclosure`.
   """
   out_needed = [True] * len(jaxpr.outvars) if out_needed is None else list(out_needed)
-  need = _needed(jaxpr, out_needed)
+  constant = stabilizers.find(jaxpr, out_needed)
+  need = _needed(jaxpr, out_needed, constant)
   env: dict[Any, Any] = {}
   for v, x in zip(jaxpr.constvars, consts):
     env[v] = x
@@ -131,8 +141,10 @@ def eval_jaxpr(jaxpr, consts, args, t, *, out_needed=None, stack="fn", ranges=Fa
             for o in eqn.outvars]
     if not any(isinstance(x, Enclosure) for x in invals):
       outs = bind(eqn.primitive, eqn.params, invals)
-    elif not any(live) or name == "stop_gradient":
+    elif not any(live) or i in constant:
       outs = bind(eqn.primitive, eqn.params, [_point(x) for x in invals])
+    elif name == "stop_gradient":
+      outs = invals  # its value is v(eta): the identity (module docstring)
     else:
       rule = rules.RULES.get(name)
       where = _where(eqn, stack)

@@ -12,11 +12,11 @@ class UnsupportedPrimitiveError(NotImplementedError):
 
 
 def forward_dependence(jaxpr, in_dep: Sequence[bool]) -> list[bool]:
-  """Which outputs depend on eta, given which inputs do (conservative through calls)."""
+  """Which outputs depend on eta, given which inputs do (conservative through calls;
+  `stop_gradient` passes the dependence on: its value is its input's)."""
   dep = {v for v, d in zip(jaxpr.invars, in_dep) if d}
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name != "stop_gradient" and any(isinstance(v, jcore.Var) and v in dep
-                                                      for v in eqn.invars):
+    if any(isinstance(v, jcore.Var) and v in dep for v in eqn.invars):
       dep.update(eqn.outvars)
   return [isinstance(v, jcore.Var) and v in dep for v in jaxpr.outvars]
 

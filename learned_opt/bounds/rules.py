@@ -8,7 +8,8 @@ of outputs. Groups:
                predicate operands must not depend on eta);
   arithmetic   add, sub, neg, mul, div, dot_general, conv_general_dilated;
   elementwise  exp, log, tanh, logistic, sqrt, rsqrt, integer_pow, max/min, abs, ...
-               through the sharp rules of `elementwise`;
+               through the sharp rules of `elementwise`; reduce_max/min as a tree of
+               max/min;
   control      jit, custom_jvp_call, custom_vjp_call, checkpoint (inlined), cond, scan.
 """
 from __future__ import annotations
@@ -236,6 +237,36 @@ def _min(vals, params, ctx, *, live, eqn):
   a, b = vals  # min(a, b) = a - relu(a - b)
   r = enc.neg(_relu_of_difference(a, b, ctx.t))
   return [_plus(r, a, ctx.t)]
+
+
+def _fold(x: Enclosure, axis: int, pair, t) -> Enclosure:
+  """Reduces `axis` by a binary rule in a tree of depth log2(n): halves are paired, an
+  odd last slice waits a level (one rule call per level, not n)."""
+  cut = lambda lo, hi: (lambda v: lax.slice_in_dim(v, lo, hi, axis=axis))
+  n = x.shape[axis]
+  while n > 1:
+    h = n // 2
+    m = pair(enc.positive_map(x, cut(0, h)), enc.positive_map(x, cut(h, 2 * h)), t)
+    if n % 2:
+      m, rest = enc.full(m), enc.full(enc.positive_map(x, cut(2 * h, n)))
+      cat = lambda a, b: jnp.concatenate([a, b], axis)
+      m = Enclosure(cat(m.c0, rest.c0), cat(m.c1, rest.c1),
+                    iv.Interval(cat(m.rem.lo, rest.rem.lo), cat(m.rem.hi, rest.rem.hi)))
+    x, n = m, h + n % 2
+  return enc.positive_map(x, lambda v: jnp.squeeze(v, axis))
+
+
+@_register("reduce_max", "reduce_min")
+def _reduce_extremum(vals, params, ctx, *, live, eqn):
+  # A max over eta-dependent values is reached at a target (a TD target's max over
+  # actions) now that stop_gradient is the identity; stabilizers never get here.
+  # Sound through the kink rule of `max`, but loose wherever the argmax may switch.
+  rule = _max if eqn.primitive.name == "reduce_max" else _min
+  pair = lambda a, b, t: rule([a, b], {}, ctx, live=live, eqn=eqn)[0]
+  x = vals[0]
+  for axis in sorted(params["axes"], reverse=True):
+    x = _fold(x, axis, pair, ctx.t)
+  return [x]
 
 
 # ------------------------------------------------------------------ control flow
