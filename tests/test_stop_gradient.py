@@ -168,6 +168,17 @@ def test_softmax_family_stabilizers_are_constants(fn):
   assert sgs and set(sgs) == found
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_stabilizers_are_found_in_low_precision(dtype):
+  """In bfloat16, optax's cross-entropy sums exp in float32 between two
+  convert_element_types (numpy's issubdtype does not call bfloat16 a float)."""
+  x = jnp.asarray(_data(6, (3, 5))[0], dtype)
+  for fn in (lambda v: optax.softmax_cross_entropy_with_integer_labels(v, LABELS),
+             lambda v: jax.nn.softmax(v.astype(jnp.float32), -1)):
+    sgs, found = _stabilized(fn, x)
+    assert sgs and set(sgs) == found
+
+
 @pytest.mark.parametrize("fn", [
     lambda x: jnp.sum(jnp.exp(x - SG(x.max(-1, keepdims=True))), -1),  # not normalized
     lambda x: x / SG(jnp.max(jnp.abs(x))),                             # max-normalization

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import jax.extend.core as jcore
+import jax.numpy as jnp
 import numpy as np
 
 TOP = "top"  # moved in a way the rules do not follow
@@ -127,8 +128,8 @@ def _rule(eqn, ins: list, sub) -> list:
   kind, k, axes = x
   if name == "neg":
     return [_scaled(x, -1.0) if kind == "add" else x]
-  if name in _SAME or (name == "convert_element_type"
-                       and np.issubdtype(np.dtype(params["new_dtype"]), np.floating)):
+  if name in _SAME or (name == "convert_element_type"  # jnp: numpy's misses bfloat16
+                       and jnp.issubdtype(params["new_dtype"], jnp.floating)):
     return [x]
   if name == "broadcast_in_dim":
     dims = params["broadcast_dimensions"]
