@@ -1,30 +1,27 @@
 """Meta-training run configs: YAML validated against frozen dataclasses.
 
 A config is read once (`load_config`, with `--set key=value` overrides) into a frozen
-`MetaTrainConfig`; `build` turns it into objects (learned optimizer, estimators, outer
+`MetaTrainConfig`; `build.py` turns it into objects (learned optimizer, estimators, outer
 optax optimizer) and after that only pytrees flow. Unknown keys and mistyped values
-fail with an error naming the key, the value and what was expected.
+fail with an error naming the key, the value and what was expected; so do values out
+of range (`validation.py`, run when each section is built) and YAML syntax errors (file,
+line and column). Where a float is expected, a string that parses as one is taken as
+that float: YAML 1.1 reads `3e-4` (no dot) as a string, and that is how people type it.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.resources
-import os
 import types
 import typing
 from typing import Any, Mapping, Sequence
 
 import yaml
 
-import learned_opt
-from learned_opt import registry
-from learned_opt.meta_train.estimators import truncation
-from learned_opt.meta_train.estimators.pes import PES
-from learned_opt.meta_train.estimators.truncated_es import TruncatedES
-from learned_opt.meta_train.learner.outer import make_outer_optimizer
-from learned_opt.tasks import get_family
-from learned_opt.tasks.augment import FullBatchFamily, ParamScaleFamily
+from learned_opt.meta_train.run import validation
+# The builders live in build.py; callers reach them here (config_lib.build_lopt, ...).
+from learned_opt.meta_train.run.build import (build_estimators, build_family, build_lopt,  # noqa: F401
+                                              build_outer_optimizer, build_schedule,
+                                              initial_meta_params, lopt_class)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +37,9 @@ class TaskConfig:
   data_dir: str | None = None
   param_scale_range: tuple[float, ...] | None = None
   full_batch_families: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    validation.check_section("task", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +65,9 @@ class TruncationConfig:
   min_length: int = 50
   max_length: int = 500
 
+  def __post_init__(self):
+    validation.check_section("truncation", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class EstimatorConfig:
@@ -80,6 +83,9 @@ class EstimatorConfig:
   population_map: str = "auto"
   map_batch_size: int | None = None
 
+  def __post_init__(self):
+    validation.check_section("estimator", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class OuterConfig:
@@ -92,6 +98,9 @@ class OuterConfig:
   options: dict = dataclasses.field(default_factory=dict)
   num_steps: int = 100
   accumulate: int = 1
+
+  def __post_init__(self):
+    validation.check_section("outer", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,9 @@ class RunConfig:
   tensorboard: bool = True
   export: str | None = "final.lopt"
 
+  def __post_init__(self):
+    validation.check_section("run", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class MetaTrainConfig:
@@ -117,6 +129,9 @@ class MetaTrainConfig:
   estimator: EstimatorConfig = EstimatorConfig()
   outer: OuterConfig = OuterConfig()
   run: RunConfig = RunConfig()
+
+  def __post_init__(self):
+    validation.check_config(self)
 
 
 # ---- parsing and validation -----------------------------------------------------------
@@ -154,6 +169,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return dict(value)
   if tp is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
+  if tp is float and isinstance(value, str):
+    parsed = validation.parse_float(value)
+    if parsed is not None:
+      return parsed
   if tp in (int, float, str, bool) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
     return value
   raise ValueError(f"config key {key!r}: got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
@@ -189,6 +208,30 @@ def config_to_dict(cfg: MetaTrainConfig) -> dict:
   return plain(dataclasses.asdict(cfg))
 
 
+def _yaml_error(e: yaml.YAMLError, where: str, one_line: bool) -> ValueError:
+  """One line naming `where`, the line and column (1-based; the column only for a
+  one-line text such as a --set value) and the problem."""
+  mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+  problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+  context = getattr(e, "context", None)
+  if mark is None:
+    at = f"{where}: invalid YAML"
+  elif one_line:
+    at = f"{where}: invalid YAML at column {mark.column + 1} of the value"
+  else:
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}: invalid YAML"
+  return ValueError(f"{at}: {problem}" + (f" ({context})" if context else ""))
+
+
+def parse_yaml(text: str, where: str, *, one_line: bool = False) -> Any:
+  """`yaml.safe_load(text)`, with syntax errors as a one-line ValueError naming `where`
+  (a file: with line and column, as editors and compilers write them)."""
+  try:
+    return yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise _yaml_error(e, where, one_line) from e
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
   """Applies "a.b.c=value" overrides to a nested dict; values are parsed as YAML.
 
@@ -201,7 +244,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
       raise ValueError(f"--set expects key=value, got {item!r}")
     path, raw = item.split("=", 1)
     keys = path.strip().split(".")
-    value = yaml.safe_load(raw)
+    value = parse_yaml(raw, f"--set {item!r}", one_line=True)
     cls, node = MetaTrainConfig, data
     for depth, k in enumerate(keys):
       last = depth == len(keys) - 1
@@ -226,107 +269,35 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> MetaTrainCon
   """Reads a YAML config (None: all defaults), applies `--set` overrides, validates."""
   data = {}
   if path is not None:
-    with open(path) as f:
-      data = yaml.safe_load(f) or {}
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError as e:  # a directory, no permission, ...
+      raise ValueError(f"cannot read config {path}: {e.strerror or e}") from e
+    data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
       raise ValueError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
   return config_from_dict(apply_overrides(data, overrides))
 
 
 def dump_config(cfg: MetaTrainConfig) -> str:
+  """The config as YAML (what a run folder's config.yaml holds)."""
   return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-# ---- building objects -------------------------------------------------------------------
-def _import_class(spec: str):
-  module, _, attr = spec.partition(":")
-  try:
-    return getattr(importlib.import_module(module), attr)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"cannot import learned optimizer {spec!r}: {e}") from e
+_UNSET = "<unset>"
 
 
-def lopt_class(name: str) -> type:
-  """The architecture `lopt.name` names: a registered name (`learned_opt.registry`), or
-  "package.module:Class" for a class that module registers when imported. Either way the
-  class is one that checkpoints can save, checked here, before any work."""
-  if ":" not in name:
-    return registry.get_architecture(name)
-  cls = _import_class(name)
-  registry.check_registered(cls)
-  return cls
-
-
-def build_lopt(cfg: LOptConfig):
-  """The learned optimizer named by `cfg`, constructed with `cfg.options`."""
-  cls = lopt_class(cfg.name)
-  valid = [f.name for f in dataclasses.fields(cls)] + list(getattr(cls, "legacy_config_keys", ()))
-  bad = [k for k in cfg.options if k not in valid]
-  if bad:
-    raise ValueError(f"unknown config key 'lopt.options.{bad[0]}' for {cls.__name__}; valid keys: "
-                     f"{', '.join(valid)}")
-  # The LearnedOptimizer contract: YAML lists become tuples (static fields must hash).
-  return cls.from_config(dict(cfg.options))
-
-
-def build_schedule(cfg: TruncationConfig):
-  if cfg.kind == "constant":
-    return truncation.ConstantTruncation(horizon=cfg.horizon)
-  if cfg.kind == "log_uniform":
-    return truncation.LogUniformTruncation(min_length=cfg.min_length, max_length=cfg.max_length)
-  raise ValueError(f"unknown truncation.kind {cfg.kind!r}; expected 'constant' or 'log_uniform'")
-
-
-def build_estimators(cfg: MetaTrainConfig, lopt) -> list:
-  """One estimator per task family, all with the same settings."""
-  kinds = {"pes": PES, "truncated_es": TruncatedES}
-  e = cfg.estimator
-  if e.kind not in kinds:
-    raise ValueError(f"unknown estimator.kind {e.kind!r}; expected one of {', '.join(kinds)}")
-  if not cfg.task.families:
-    raise ValueError("task.families is empty; expected at least one family name")
-  schedule = build_schedule(cfg.truncation)
-  settings = {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name != "kind"}
-  pools = [(name, False) for name in cfg.task.families]
-  pools += [(name, True) for name in cfg.task.full_batch_families]
-  return [kinds[e.kind](family=build_family(name, cfg.task, full_batch=fb), lopt=lopt,
-                        schedule=schedule, **settings) for name, fb in pools]
-
-
-def build_family(name: str, cfg: TaskConfig, *, full_batch: bool = False):
-  """The named meta-training family, augmented as `cfg` says (and on its full batch)."""
-  family = get_family(name, cfg.data_dir)
-  if full_batch:
-    family = FullBatchFamily(family)
-  if cfg.param_scale_range is None:
-    return family
-  if len(cfg.param_scale_range) != 2:
-    raise ValueError(f"task.param_scale_range must be [low, high], got {list(cfg.param_scale_range)}")
-  return ParamScaleFamily(family, tuple(cfg.param_scale_range))
-
-
-def initial_meta_params(cfg: LOptConfig, lopt):
-  """The meta-parameters `lopt.init_from` names (None without it), checked against `lopt`."""
-  if cfg.init_from is None:
-    return None
-  source = cfg.init_from
-  if os.path.exists(source):
-    loaded, meta_params, _ = learned_opt.load(source)
-  elif source in learned_opt.list_pretrained():
-    with importlib.resources.as_file(learned_opt.pretrained_path(source)) as path:
-      loaded, meta_params, _ = learned_opt.load(path)
-  else:
-    raise ValueError(f"lopt.init_from={source!r} is neither a file nor a shipped optimizer; "
-                     f"shipped: {', '.join(learned_opt.list_pretrained())}")
-  if loaded != lopt:
-    diff = [f.name for f in dataclasses.fields(lopt)
-            if getattr(loaded, f.name, None) != getattr(lopt, f.name)]
-    raise ValueError(f"lopt.init_from={source!r} holds a {type(loaded).__name__} that differs from "
-                     f"the configured {type(lopt).__name__} in {diff or 'its type'}; set lopt.name "
-                     "and lopt.options to that checkpoint's architecture")
-  return meta_params
-
-
-def build_outer_optimizer(cfg: OuterConfig):
-  return make_outer_optimizer(cfg.optimizer, cfg.learning_rate, grad_clip=cfg.grad_clip,
-                              **cfg.options)
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """`(dotted key, old value, new value)` for every leaf where two config dicts differ
+  (`config_to_dict` form; a key present on one side only shows "<unset>" on the other)."""
+  out = []
+  for k in sorted(set(old) | set(new), key=str):
+    a, b = old.get(k, _UNSET), new.get(k, _UNSET)
+    key = f"{prefix}{k}"
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += config_diff(a, b, key + ".")
+    elif a != b:
+      out.append((key, a, b))
+  return out
