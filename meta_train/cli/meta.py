@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import os
+import shlex
 import sys
 
+from learned_opt.meta_train.run import checkpoint as run_checkpoint
 from learned_opt.meta_train.run import config as config_lib
 from learned_opt.meta_train.run.plot import plot_run
+from learned_opt.meta_train.run.rundir import CHECKPOINT_DIR, CONFIG_FILE
 from learned_opt.meta_train.run.runner import run_meta_training
 
 
@@ -45,6 +48,25 @@ def resolve_config_path(name: str) -> str:
   raise ValueError(f"config {name!r} is neither a file nor a shipped config; shipped: {', '.join(names)}")
 
 
+def continue_command(args, out: str, *, resume: bool = True) -> str:
+  """The `lopt meta-train` command that continues this one: the same config, every
+  `--set` in order, `--out`, the same workers, and `--resume`; shell-quoted (shlex), so
+  it runs as printed whatever the values hold (spaces, brackets, quotes)."""
+  cmd = ["lopt", "meta-train"] + ([args.config] if args.config else [])
+  for item in args.overrides:
+    cmd += ["--set", item]
+  cmd += ["--out", out]
+  if args.workers:
+    cmd += ["--workers", str(args.workers)]
+  if args.ray_address:
+    cmd += ["--ray-address", args.ray_address]
+  if args.no_progress:
+    cmd.append("--no-progress")
+  if resume:
+    cmd.append("--resume")
+  return shlex.join(cmd)
+
+
 def _meta_train(args) -> int:
   path = resolve_config_path(args.config) if args.config else None
   cfg = config_lib.load_config(path, args.overrides)
@@ -53,8 +75,15 @@ def _meta_train(args) -> int:
     result = run_meta_training(cfg, out, resume=args.resume, progress=not args.no_progress,
                                workers=args.workers, ray_address=args.ray_address)
   except KeyboardInterrupt:
-    print(f"\ninterrupted; checkpoint written. Continue with: lopt meta-train "
-          f"{args.config or ''} --out {out} --resume", file=sys.stderr)
+    latest = run_checkpoint.latest_checkpoint(os.path.join(out, CHECKPOINT_DIR))
+    if latest is not None:
+      print(f"\ninterrupted; checkpoint of outer step {latest[0]} written. Continue with:\n"
+            f"  {continue_command(args, out)}", file=sys.stderr)
+    else:
+      # Stopped before the run folder had its config: there is nothing to resume.
+      resumable = os.path.exists(os.path.join(out, CONFIG_FILE))
+      print(f"\ninterrupted before the first checkpoint. Start again with:\n"
+            f"  {continue_command(args, out, resume=resumable)}", file=sys.stderr)
     return 130
   print(f"run folder: {result.run_dir}")
   if result.export_path:

@@ -2,10 +2,14 @@
 
 Files are `ckpt_<step>.msgpack` in a run's `checkpoints/` folder, written with
 flax.serialization (arrays only, no pickle) to a temporary file that is fsynced and
-then renamed over the final name, so a crash never leaves a torn checkpoint; only the
-newest `keep` files are kept. Restoring needs a template pytree of the same structure
-(built from the run's config), which is also what makes a resumed run bit-for-bit
-equal to an uninterrupted one: every array comes back with its exact bits and dtype.
+then renamed over the final name, so a crash does not leave a torn checkpoint under a
+checkpoint's name (a file system that reorders the rename before the data, or a disk
+that fills, still can: `restore` then raises `CorruptCheckpointError` and the run
+resumes from the checkpoint before, see `runner.py`); a kill during the write leaves a
+`.tmp_ckpt_*` file, which `remove_temp_files` cleans. Only the newest `keep` files are
+kept. Restoring needs a template pytree of the same structure (built from the run's
+config), which is also what makes a resumed run bit-for-bit equal to an uninterrupted
+one: every array comes back with its exact bits and dtype.
 """
 from __future__ import annotations
 
@@ -20,6 +24,13 @@ import numpy as np
 from flax import serialization
 
 _NAME = re.compile(r"^ckpt_(\d+)\.msgpack$")
+TEMP_PREFIX = ".tmp_ckpt_"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint file that cannot be read at all (truncated, empty, not msgpack), as
+  opposed to one that reads but does not fit the run (another config)."""
 
 
 def _is_key(x) -> bool:
@@ -63,7 +74,7 @@ def save(directory: str, step: int, tree: Any, *, keep: int = 3) -> str:
   os.makedirs(directory, exist_ok=True)
   data = serialization.to_bytes(_keys_to_data(jax.device_get(tree)))
   path = checkpoint_path(directory, step)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_ckpt_", dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
@@ -79,16 +90,50 @@ def save(directory: str, step: int, tree: Any, *, keep: int = 3) -> str:
   return path
 
 
+def remove_temp_files(directory: str) -> list[str]:
+  """Deletes the temporary files that writes killed midway left in `directory`.
+
+  Only one process writes a run's checkpoints (the run), so any temp file found before
+  it starts writing is stale. Returns the names removed.
+  """
+  if not os.path.isdir(directory):
+    return []
+  stale = sorted(n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX))
+  for name in stale:
+    os.remove(os.path.join(directory, name))
+  return stale
+
+
+def set_aside(path: str) -> str:
+  """Renames an unreadable checkpoint to `<name>.corrupt`: out of the listing (so it is
+  neither restored nor counted when pruning) but kept for inspection."""
+  os.replace(path, path + CORRUPT_SUFFIX)
+  return path + CORRUPT_SUFFIX
+
+
 def restore(path: str, template: Any) -> Any:
   """Reads a checkpoint into the structure (and key types) of `template`.
 
   Raises:
-    ValueError: the file does not match the template (other config or code version).
+    CorruptCheckpointError: the file cannot be read or decoded (truncated, empty).
+    ValueError: the file decodes but does not match the template (other config or code
+      version).
   """
-  with open(path, "rb") as f:
-    data = f.read()
   try:
-    raw = serialization.from_bytes(_keys_to_data(template), data)
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise CorruptCheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from e
+  try:
+    state = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several types on garbage
+    raise CorruptCheckpointError(f"checkpoint {path} is truncated or corrupt ({len(data)} bytes): "
+                                 f"{e}") from e
+  if not isinstance(state, dict):  # every checkpoint is a dict at the top
+    raise CorruptCheckpointError(f"checkpoint {path} is corrupt ({len(data)} bytes): it decodes "
+                                 f"to a {type(state).__name__}, not a dict of arrays")
+  try:
+    raw = serialization.from_state_dict(_keys_to_data(template), state)
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"checkpoint {path} does not match this run's state structure "
                      f"(was it written with another config?): {e}") from e

@@ -1,16 +1,20 @@
 """Run metrics: one JSON object per logged outer step (`metrics.jsonl`), TensorBoard too.
 
 A resumed run first drops the lines logged after its checkpoint, so the file reads as
-if the run had never stopped.
+if the run had never stopped. A last line cut short by a kill (no newline, not JSON) is
+dropped with a warning: it holds nothing complete, and the step it belonged to comes
+after the checkpoint, so the resumed run logs it again.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger(__name__)
 
 
 def _plain(v: Any):
@@ -20,13 +24,41 @@ def _plain(v: Any):
   return v
 
 
+def _read_records(path: str) -> tuple[list[dict], bool]:
+  """The records of a metrics file, and whether its last line was torn (and skipped).
+
+  Raises:
+    ValueError: a line other than the last is not a JSON object (the file is damaged
+      beyond a torn write), naming the file and line.
+  """
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  # After a complete write the text ends with "\n", so the last piece is "".
+  records, torn = [], False
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a metrics record (a JSON object with an int 'step')")
+    except ValueError as e:
+      if number == len(lines):  # the last line, without its newline: a write cut short
+        torn = True
+        log.warning("%s: dropping a torn last line %d (%d characters; %s), left by a write "
+                    "that was cut short", path, number, len(line), e)
+        continue
+      raise ValueError(f"{path}:{number}: not a metrics record: {e}") from e
+    records.append(record)
+  return records, torn
+
+
 def read_metrics(run_dir: str) -> list[dict]:
-  """All metric records of a run, in order."""
+  """All metric records of a run, in order (a torn last line is skipped with a warning)."""
   path = os.path.join(run_dir, METRICS_FILE)
   if not os.path.exists(path):
     raise ValueError(f"no {METRICS_FILE} in {run_dir!r}; expected a meta-training run folder")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_records(path)[0]
 
 
 class MetricsWriter:
@@ -34,7 +66,8 @@ class MetricsWriter:
 
   Args:
     run_dir: the run folder.
-    resume_step: when resuming, records with step > resume_step are dropped first.
+    resume_step: when resuming, records with step > resume_step are dropped first, and
+      a torn last line (see `_read_records`).
     tensorboard: also write TensorBoard scalars when tensorboardX is importable.
   """
 
@@ -44,11 +77,14 @@ class MetricsWriter:
     if resume_step is None:
       open(self.path, "w").close()
     elif os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      records, _ = _read_records(self.path)
+      kept = [json.dumps(r) + "\n" for r in records if r["step"] <= resume_step]
+      # Rewritten whole and renamed over, so a kill here leaves the old file or the new.
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
       os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     self._tb = None
