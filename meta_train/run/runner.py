@@ -196,9 +196,11 @@ def _run(trainer, cfg, run_dir, resume, progress, stop_after, initial) -> RunRes
     return pools
 
   # committed: the newest (learner, states) whose step is recorded (metrics line written
-  # if due): what a checkpoint written now holds. pending: a step returned by the
-  # trainer, not yet committed. `recorded` is the newest step recorded. Each is a single
-  # assignment, so an interrupt between any two statements leaves them coherent.
+  # if due): what a checkpoint written now holds. pending: the trainer's last result,
+  # committed or not. recorded: the newest recorded step. `pending` is set by one
+  # assignment and the other two change only inside `interrupts.critical()`, so an
+  # interrupt anywhere leaves them coherent, and the handler below can finish a step
+  # that returned (on Ray the workers' pools have already advanced) instead of losing it.
   committed, pending, recorded = (learner, states), None, start
   counts = {"ran": 0, "skipped": 0}
 
