@@ -1,5 +1,7 @@
 """SafeRate (`learned_opt.baselines.saferate`): the step rule, the trust region, the
 optax contract, and full-batch monotone descent (float64, under `jax.enable_x64`)."""
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,8 +94,61 @@ def test_non_finite_bound_takes_no_step_and_halves_the_region():
   assert np.all(np.asarray(u) == 0.0)
   assert float(state.max_step_size) == 0.5 and not bool(state.info.finite)
   nan_loss = lambda p: jnp.sum(p) * jnp.nan
-  u, state = tx.update(jnp.asarray([-1.0, 0.0]), tx.init(x), x, value_fn=nan_loss)
+  with pytest.warns(RuntimeWarning, match="not finite"):
+    u, state = tx.update(jnp.asarray([-1.0, 0.0]), tx.init(x), x, value_fn=nan_loss)
+    jax.effects_barrier()
   assert np.all(np.asarray(u) == 0.0) and float(state.max_step_size) == 0.5
+
+
+def _saferate_warnings(run):
+  """The RuntimeWarnings saferate gives while `run()` runs (its callbacks flushed)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    run()
+    jax.effects_barrier()
+  return [w for w in caught if issubclass(w.category, RuntimeWarning)
+          and "saferate" in str(w.message)]
+
+
+def test_non_finite_loss_at_the_start_warns_once_per_transform():
+  """Before: SafeRate sat at eta = 0 with the trust region shrinking, and only
+  info.finite = False told. Now one RuntimeWarning per transform, under jit too."""
+  loss = lambda p: jnp.sum(jnp.log(p))  # log(-1): NaN at the start
+  x = jnp.asarray([-1.0, 2.0])
+  tx = saferate_adam()
+
+  @jax.jit
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p, value_fn=loss)
+    return optax.apply_updates(p, u), s
+
+  def train():
+    p, s = x, tx.init(x)
+    for _ in range(5):
+      p, s = step(p, s)
+    train.out = (p, s)
+
+  caught = _saferate_warnings(train)
+  assert len(caught) == 1 and "nan (not finite)" in str(caught[0].message)
+  p, s = train.out
+  np.testing.assert_array_equal(np.asarray(p), np.asarray(x))
+  assert not bool(s.info.finite) and float(s.max_step_size) == 0.5**5
+  # The same transform does not warn again (eagerly either); a new one warns once.
+  assert not _saferate_warnings(lambda: tx.update(-x, tx.init(x), x, value_fn=loss))
+  other = saferate_adam()
+  assert len(_saferate_warnings(lambda: [other.update(-x, other.init(x), x, value_fn=loss)
+                                         for _ in range(2)])) == 1
+
+
+def test_finite_loss_with_a_non_finite_bound_does_not_warn():
+  """The trust region crossing a pole (log at 0) is SafeRate's normal business."""
+  tx = saferate(optax.identity(), init_max_lr=1.0)
+  x = jnp.asarray([0.5, 2.0])
+  loss = lambda p: jnp.sum(jnp.log(p))
+  assert not _saferate_warnings(lambda: tx.update(jnp.asarray([-1.0, 0.0]), tx.init(x), x,
+                                                  value_fn=loss))
+  params, loss = _small_problem(4)
+  assert not _saferate_warnings(lambda: _train(saferate_adam(), loss, params, 5))
 
 
 def test_update_needs_value_fn_and_params():

@@ -30,10 +30,12 @@ own cost (the gradient). `value_fn` comes through optax's extra arguments, as fo
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from learned_opt.baselines.adam_muon import muon
@@ -182,6 +184,32 @@ def _check_rounding(value_fn, params, out, eta, info: SafeRateInfo):
                                                            info.predicted_value))
 
 
+def _warn_once_if_not_finite(value: jax.Array, warned: list) -> None:
+  """Warns (once per transform: `warned` is its flag) that the loss is not finite.
+
+  A warning, not an error: inside jit (where optax transforms run) a traced value cannot
+  raise without checkify, and raising only eagerly would make jitted and eager code
+  differ. SafeRate's response is already safe (no step; a NaN minibatch loss may pass),
+  but on a deterministic loss that is NaN at the start it never moves, and only
+  `info.finite` said so. The callback runs only when the value is not finite (a `cond`),
+  so a healthy run pays no host round trip.
+  """
+  def report(v):
+    bad = np.asarray(v)[~np.isfinite(np.asarray(v))]
+    if warned[0] or bad.size == 0:  # under vmap the cond may run for every element
+      return
+    warned[0] = True
+    warnings.warn(
+        f"saferate: the loss value_fn returns at the current params is {bad.ravel()[0]} (not "
+        f"finite). SafeRate takes no step there (eta = 0) and halves its trust region, so "
+        f"on a deterministic loss it never moves; check the initial params and value_fn. "
+        f"(Warned once per saferate transform; SafeRateInfo.finite is False on such steps.)",
+        RuntimeWarning, stacklevel=2)
+
+  jax.lax.cond(jnp.isfinite(value), lambda v: None,
+               lambda v: jax.debug.callback(report, v), value)
+
+
 def saferate(direction_tx: optax.GradientTransformation, *, init_max_lr: float = 1.0,
              growth: float = 2.0, shrink: float = 0.5, min_max_lr: Optional[float] = None,
              max_max_lr: Optional[float] = None) -> optax.GradientTransformationExtraArgs:
@@ -204,6 +232,9 @@ def saferate(direction_tx: optax.GradientTransformation, *, init_max_lr: float =
 
   Float64 is recommended (`jax.config.update("jax_enable_x64", True)` and float64
   params): the bound ignores rounding, so float32 can see increases of ~1e-7 relative.
+
+  A non-finite loss at the params gives a `RuntimeWarning` (once per transform, also
+  under jit) besides `info.finite = False`: SafeRate cannot move from such a point.
   """
   if not init_max_lr > 0:
     raise ValueError(f"saferate: init_max_lr must be > 0, got {init_max_lr!r}")
@@ -212,6 +243,7 @@ def saferate(direction_tx: optax.GradientTransformation, *, init_max_lr: float =
   if not 0 < shrink < 1:
     raise ValueError(f"saferate: shrink must be in (0, 1), got {shrink!r}")
   inner = optax.with_extra_args_support(direction_tx)
+  warned = [False]  # the non-finite-loss warning, once per transform
 
   def init_fn(params):
     dtype = _float_dtype(params)
@@ -227,6 +259,7 @@ def saferate(direction_tx: optax.GradientTransformation, *, init_max_lr: float =
                                      value_fn=value_fn, **extra)
     t = state.max_step_size
     eta, info = saferate_step(value_fn, params, direction, t)
+    _warn_once_if_not_finite(info.value, warned)
     grow = info.finite & (eta >= 0.5 * t)
     new_t = jnp.where(grow, t * growth, t * shrink)
     if min_max_lr is not None:
