@@ -16,8 +16,14 @@ workers) next to the same step in-process; the difference is Ray's broadcast+gat
 Part 3 fits the paper model of docs/ray.md to these numbers and prints its throughput
 prediction up to 1,000 workers.
 
+Part 4 (`--recovery`, alone): what exact recovery of a lost worker costs
+(distributed/recovery.py). Per step: 1 worker, interleaved blocks with a snapshot of
+the pools after every run against none (the default takes one per 100 runs, or none
+when checkpoints come as often). Per failure: a step whose worker was killed (kill -9)
+before it, after k runs since the last snapshot: Ray's restart plus the replay.
+
 Usage: python benchmarks/ray_scaling.py [--config tiny] [--steps 5] [--repeats 3]
-         [--sizes-kb 10 100 1000 10000] [--json OUT]
+         [--sizes-kb 10 100 1000 10000] [--json OUT] [--recovery]
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 
 import argparse
 import json
+import signal
 import statistics
 import time
 
@@ -217,6 +224,44 @@ def transfer_overhead(sizes_kb, *, steps: int, num_tasks: int, workers: int, opt
   return rows
 
 
+# ---- part 4 ------------------------------------------------------------------------------
+def recovery_cost(cfg, *, steps: int, repeats: int, cache_dir: str, replays=(1, 10, 50)) -> dict:
+  """Per-step cost of snapshots (every run vs never), and the wall time of a step that
+  restores a killed worker after k runs since its last snapshot."""
+  lopt = config_lib.build_lopt(cfg.lopt)
+  est = config_lib.build_estimators(cfg, lopt)
+  opt = config_lib.build_outer_optimizer(cfg.outer)
+  make = lambda every, **kw: RayMetaTrainer(est, opt, accumulate=cfg.outer.accumulate, num_workers=1,
+                                            cpus_per_worker=0.25, compilation_cache_dir=cache_dir,
+                                            snapshot_every=every, **kw)
+  trainers = {"snapshot every run": make(1), "no snapshot": make(10**9)}
+  carries = {name: tr.init(cfg.seed) for name, tr in trainers.items()}
+  walls = {name: [] for name in trainers}
+  for name, tr in trainers.items():
+    _, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], 2)
+  for _ in range(repeats):
+    for name, tr in trainers.items():
+      w, carries[name], _ = _time_steps(tr, cfg.seed, carries[name], steps)
+      walls[name] += w
+  for tr in trainers.values():
+    tr.close()
+  out = {name: 1e3 * statistics.median(w) for name, w in walls.items()}
+  tr = make(10**9, prefetch=False)
+  out["restore"] = []
+  for k in replays:
+    carry = tr.init(cfg.seed)
+    _, carry, _ = _time_steps(tr, cfg.seed, carry, k)
+    actor = tr.scheduler.slots[0].actor
+    pid = ray.get(actor.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    walls_k, carry, ms = _time_steps(tr, cfg.seed, carry, 2)
+    out["restore"].append({"runs_replayed": int(ms[0]["runs_replayed"]), "step_ms": 1e3 * walls_k[0],
+                           "worker_ms": 1e3 * float(ms[0]["worker_compute_s"]),
+                           "next_step_ms": 1e3 * walls_k[1]})
+  tr.close()
+  return out
+
+
 # ---- part 3 ------------------------------------------------------------------------------
 def fit_model(rows, *, num_tasks: int, workers: int, call_ms: float) -> dict:
   """Per-step Ray overhead = c0 + W * r + S * (beta + W * gamma), S in MB, W workers.
@@ -255,10 +300,28 @@ def main():
   p.add_argument("--compute-ms", type=float, default=None,
                  help="skip part 1 and use this per-step compute time in the model")
   p.add_argument("--json", default=None)
+  p.add_argument("--recovery", action="store_true", help="run part 4 only")
   args = p.parse_args()
   cfg = config_lib.load_config(resolve_config_path(args.config))
   connect(num_cpus=2)   # local Ray, workers at the learner's priority
   load = [os.getloadavg()]
+  if args.recovery:
+    try:
+      rc = recovery_cost(cfg, steps=args.steps, repeats=args.repeats, cache_dir=args.cache_dir)
+    finally:
+      ray.shutdown()
+    print(f"\n== exact recovery, config {cfg.name}, 1 worker ({args.repeats} interleaved blocks of "
+          f"{args.steps} steps) ==")
+    snap = rc["snapshot every run"] - rc["no snapshot"]
+    print(f"step, median: {rc['no snapshot']:.1f} ms without snapshots, {rc['snapshot every run']:.1f} ms "
+          f"with one per run: {snap:.2f} ms per snapshot, {snap / 100:.3f} ms per step at the default "
+          "snapshot_every=100")
+    for r in rc["restore"]:
+      print(f"kill -9, then a step replaying {r['runs_replayed']:>3} runs: {r['step_ms']:>7.0f} ms "
+            f"(worker {r['worker_ms']:.0f} ms); next step {r['next_step_ms']:.0f} ms")
+    load.append(os.getloadavg())
+    print(f"load average at start {load[0]}, at end {load[1]} on {os.cpu_count()} cores")
+    return 0
   try:
     tp = None
     if args.compute_ms is None:

@@ -14,6 +14,7 @@ is healthy again.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from typing import Any, Sequence
 
@@ -28,6 +29,28 @@ from ray.dag import InputNode, MultiOutputNode
 GRAPH_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
               ray.exceptions.RayChannelError)
 _GRAPH_RETRY_S = 30.0   # after a failed graph compile, actor calls only for this long
+
+
+class _QuietTeardown(logging.Filter):
+  """Drops what Ray's compiled graph logs when it is torn down: four INFO lines per
+  teardown, and, after a worker died, "Error cancelling worker task" with the full
+  traceback of the dead actor's RayActorError (its loop cannot be cancelled: it is
+  gone). The scheduler reports such a loss in one line; other records pass."""
+
+  CHATTER = ("Tearing down compiled DAG", "Cancelling compiled worker on actor",
+             "Waiting for worker tasks to exit", "Teardown complete")
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if record.levelno <= logging.INFO and message.startswith(self.CHATTER):
+      return False
+    dead_actor = record.exc_info is not None and isinstance(record.exc_info[1], ray.exceptions.RayActorError)
+    return not (message.startswith("Error cancelling worker task") and dead_actor)
+
+
+_DAG_LOG = logging.getLogger("ray.dag.compiled_dag_node")   # the logger of Ray's module
+if not any(isinstance(f, _QuietTeardown) for f in _DAG_LOG.filters):
+  _DAG_LOG.addFilter(_QuietTeardown())
 
 
 class StepGraph:
@@ -101,18 +124,19 @@ class GraphSteps:
   def _graph_send(self, theta, seed: int, version: int) -> bool:
     """Sends step `version` through the graph; False (nothing sent) if the graph's
     channels broke since it was built (an actor restarted between steps)."""
-    calls = [self._call(slot, seed, version) for slot in self.slots]
+    calls = [self._call(slot, seed, version, theta) for slot in self.slots]
     # Stamped before `execute`: the workers may start the step before it returns.
     sent_at = time.time()
     try:
       self._graph_ref = (self._graph.execute(theta, calls), version)
     except GRAPH_LOST as e:
-      self.log.warning("the step graph is broken (%s: %s); using actor calls until it is rebuilt",
-                       type(e).__name__, (str(e).splitlines() or [''])[0])
+      # An actor restarted between steps: its next actor call reports it (one line).
+      self.log.info("the step graph is broken (%s: %s); using actor calls until it is rebuilt",
+                    type(e).__name__, (str(e).splitlines() or [''])[0])
       self._graph_drop()
       return False
     for slot, call in zip(self.slots, calls):
-      self._sent(slot, call, sent_at)
+      self._sent(slot, call, sent_at, theta)
     return True
 
   def _graph_drop(self) -> None:
@@ -165,6 +189,8 @@ class GraphSteps:
     why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
     dead = getattr(error, "actor_id", None)
     who = [f"worker {s.index}" for s in self.slots if s.actor._actor_id.hex() == dead]
+    for slot in self.slots:
+      slot.reported = slot.reported or slot.actor._actor_id.hex() == dead   # logged here
     self.log.warning("%s lost during the compiled-graph step %d (%s); Ray restarts it and the "
                      "step is redone with actor calls (failure %d of at most %d)",
                      (who or ["a worker"])[0], version, why, self.failures, self.max_failures)

@@ -14,16 +14,20 @@ Determinism: pools are cut into shards of `tasks_per_shard` tasks, a partition f
 by the config and not by the number of workers; every shard runs the same compiled
 program whichever worker holds it, and the learner combines shard estimates in global
 (step, accumulation, family, shard) order. So in the synchronous mode with a fixed
-seed, 1 worker and 8 workers give bit-identical meta-parameters.
+seed, 1 worker and 8 workers give bit-identical meta-parameters, and so does a run
+during which a worker or its node was lost (recovery.py). Against the in-process
+trainer they agree up to the rounding of the combine (docs/ray.md).
 
-Scheduling, stragglers, staleness and failures live in scheduler.py, the worker
-actor and what travels in worker.py. This sub-package is the only one that imports ray.
+Scheduling, stragglers, staleness and failures live in scheduler.py, exact restores of
+lost workers and whole-pool calls in recovery.py, the worker actor and what travels in
+worker.py. This sub-package is the only one that imports ray.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -135,8 +139,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     # the workers are the computation, so on a machine shared with other work they
     # would get a fraction of what an in-process run gets (measured: ~1/3 at load 8
     # per core). Nice 0 puts them on a par with the learner.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             _system_config={"worker_niceness": 0})
+    with warnings.catch_warnings():
+      # Ray starts its daemons (GCS, raylet, ...) with subprocess.Popen and a
+      # preexec_fn, which runs the at-fork hooks, and JAX's hook warns of a deadlock
+      # when its backend is up (the estimators were built first). The child only
+      # masks a signal and execs: no JAX code runs in it, so the warning is void here.
+      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+      ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+               _system_config={"worker_niceness": 0})
   return True
 
 
@@ -182,6 +192,10 @@ class RayMetaTrainer(Trainer):
       during which a worker dies is redone with actor calls, which also serve every
       other policy; the graph is rebuilt once all workers answer again. Results are
       identical either way.
+    snapshot_every: a lost worker's pools are rebuilt exactly from their last known
+      states and the runs since, replayed (recovery.py); every this many runs of a
+      worker (and at each `gather_states`), its states are fetched between steps and
+      become that starting point, bounding the thetas kept and the replay.
   """
 
   def __init__(self, estimators: Sequence[Any], optimizer: optax.GradientTransformation, *,
@@ -192,7 +206,7 @@ class RayMetaTrainer(Trainer):
                worker_env: dict[str, str] | None = None,
                compilation_cache_dir: str | None = DEFAULT_CACHE_DIR, max_failures: int = 100,
                combine_on_worker: bool = False, inline_theta_bytes: int = 100_000,
-               prefetch: bool = True, compiled_graph: bool = True):
+               prefetch: bool = True, compiled_graph: bool = True, snapshot_every: int = 100):
     super().__init__(estimators, optimizer, accumulate=accumulate)
     self.shards = make_shards([e.num_tasks for e in self.estimators], tasks_per_shard)
     assignment = assign_shards(self.shards, num_workers)
@@ -209,7 +223,7 @@ class RayMetaTrainer(Trainer):
                                accumulate=accumulate, quorum=quorum, timeout_s=timeout_s,
                                max_staleness=max_staleness, max_failures=max_failures, log=log,
                                combine_on_worker=combine_on_worker,
-                               compiled_graph=compiled_graph)
+                               compiled_graph=compiled_graph, snapshot_every=snapshot_every)
     self._pools_id = 0
     self._seed = None
     self._theta = None
@@ -261,6 +275,8 @@ class RayMetaTrainer(Trainer):
     # Waits for the update (one execution gives theta, its flat copy and the metrics).
     self._flat_theta = (learner.meta_params, np.asarray(flat))
     t2 = time.perf_counter()
+    # Before the prefetch: idle workers' pools are those of the results just taken in.
+    sched.request_snapshots(seed=seed, next_version=version + 1)
     if self.prefetch:
       self._theta = self._broadcast(learner.meta_params)
       sched.prefetch(self._theta, seed=seed, version=version + 1)

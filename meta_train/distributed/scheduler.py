@@ -16,8 +16,10 @@ Rules, per outer step `t` (the *version* of theta it broadcasts):
     worker-combined estimate counts for the shards it covers) are in
     and either nothing of version t is still running or `timeout_s` has passed;
   * a worker that dies (process or node) is restarted by Ray (max_restarts=-1); the
-    learner bumps its epoch and re-sends version t with "initialize first", so its
-    units are recomputed from fresh pools, never from state half-built before the crash.
+    learner bumps its epoch and re-sends version t with a `Restore`: the worker
+    rebuilds its pools as they were after the last result the learner received
+    (recovery.py), never from state half-built before the crash, and its units are
+    those of an undisturbed run.
 Ray's own task retries are off: a finite retry budget can be spent before a dead node
 is declared, and units are defined by seeds, so re-issuing one from here is safe.
 Every accepted unit key (version, accumulation, family, shard) is applied once: a
@@ -30,17 +32,16 @@ import gc
 import logging
 import math
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import ray
 import ray.exceptions
 
-from learned_opt.meta_train.distributed.graph import GraphSteps, StepGraph
+from learned_opt.meta_train.distributed.graph import GraphSteps
+from learned_opt.meta_train.distributed.recovery import ACTOR_LOST, PoolHistory, PoolStates
 from learned_opt.meta_train.distributed.worker import RunCall, Shard
 
-# Errors meaning "this actor's process is gone or unreachable" (not a bug in the call).
-_ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 _POLL_S = 30.0
 
 
@@ -96,16 +97,20 @@ class _Slot:
   initialized: bool = False
   ref: Any = None           # the call in flight (at most one)
   ref_version: int = -1
-  ref_init: bool = False    # the call in flight initializes the pools first
+  ref_theta: Any = None     # the theta it carries (recorded with its result)
+  ref_replays: int = -1     # runs it replays before its own (-1: no restore)
   sent_at: float = 0.0      # wall-clock time the call in flight was sent
   done_version: int = -1    # newest version whose result came back in this epoch
   undo: int | None = None   # version of a discarded prefetched call the next call rewinds
   recovering: bool = False  # lost, and no call has succeeded since
+  reported: bool = False    # its loss is logged (one line per fault)
   retry_at: float = 0.0     # monotonic time before which it is not sent work
   backoff_s: float = 0.0
+  history: PoolHistory = dataclasses.field(default_factory=PoolHistory)
+  snapshot_ref: Any = None  # (epoch, ref) of a snapshot of its pools not yet collected
 
 
-class Scheduler(GraphSteps):
+class Scheduler(GraphSteps, PoolStates):
   """Dispatches outer steps to worker actors and gathers their shard estimates.
 
   Args:
@@ -119,12 +124,18 @@ class Scheduler(GraphSteps):
       Ray compiled graph over all workers (graph.py) instead of one actor call per
       worker; any other step, and any step after a worker failure until every worker
       is healthy again, uses actor calls.
+    snapshot_every: runs of a worker after which its pool states become the starting
+      point of its recovery (recovery.py): bounds the thetas kept and the replay.
   """
 
   def __init__(self, make_actor: Callable[[list], Any], assignment: Sequence[list], *,
                num_units: int, accumulate: int, quorum: float, timeout_s: float | None,
                max_staleness: int, max_failures: int, log: logging.Logger,
-               combine_on_worker: bool = False, compiled_graph: bool = False):
+               combine_on_worker: bool = False, compiled_graph: bool = False,
+               snapshot_every: int = 100):
+    if not isinstance(snapshot_every, int) or snapshot_every < 1:
+      raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
+    self.snapshot_every = snapshot_every
     self.num_units = num_units
     self.accumulate = accumulate
     self.combine_on_worker = combine_on_worker
@@ -164,16 +175,22 @@ class Scheduler(GraphSteps):
       slot.initialized = False
       slot.done_version = -1
       slot.undo = None
+      slot.snapshot_ref = None
+      slot.history = PoolHistory()   # fresh pools of the run's seed
 
   def run_step(self, theta, *, seed: int, version: int) -> tuple[dict, dict]:
     """Gathers unit estimates for outer step `version`.
 
     Returns:
       ({(version, j, family, shard): (float32 rows [n, width], row)}, scalar stats).
+      Stats include `inexact` (1: the estimate is not a synchronous undisturbed run's:
+      units left out, stale ones, or pools that skipped a version) and `dropped_shards`
+      (units of this step not applied).
     """
     stats = {"units_used": 0, "units_total": self.num_units, "units_dropped_stale": 0,
-             "worker_failures": 0, "pool_inits": 0, "staleness": 0.0, "worker_compute_s": 0.0,
-             "transit_to_s": 0.0, "transit_back_s": 0.0, "graph_step": 0}
+             "worker_failures": 0, "pool_inits": 0, "runs_replayed": 0, "staleness": 0.0,
+             "worker_compute_s": 0.0, "transit_to_s": 0.0, "transit_back_s": 0.0,
+             "graph_step": 0, "inexact": 0, "dropped_shards": 0}
     accepted: dict = {}
     start = time.monotonic()
     last_report = start
@@ -229,7 +246,10 @@ class Scheduler(GraphSteps):
     stats["units_used"] = used
     if accepted:
       stats["staleness"] = sum(n * (version - k[0]) for k, (_, n) in accepted.items()) / used
+    stats["dropped_shards"] = self.num_units - used
+    stats["inexact"] = int(bool(stats["inexact"] or stats["dropped_shards"] or stats["staleness"]))
     stats["wait_s"] = time.monotonic() - start
+    self._collect_snapshots()
     return {k: est for k, (est, _) in accepted.items()}, stats
 
   def prefetch(self, theta, *, seed: int, version: int) -> None:
@@ -255,20 +275,23 @@ class Scheduler(GraphSteps):
     now = time.monotonic()
     for slot in self.slots:
       if slot.ref is None and slot.done_version < version and slot.retry_at <= now:
-        call = self._call(slot, seed, version)
+        call = self._call(slot, seed, version, theta)
         sent_at = time.time()   # before the call: the worker may enter it before `remote` returns
         slot.ref = slot.actor.run.remote(theta, call)
-        self._sent(slot, call, sent_at)
+        self._sent(slot, call, sent_at, theta)
 
-  def _call(self, slot: _Slot, seed: int, version: int) -> RunCall:
-    """The settings of `slot`'s call for step `version`."""
-    return RunCall(slot.epoch, seed, version, self.accumulate, not slot.initialized,
+  def _call(self, slot: _Slot, seed: int, version: int, theta) -> RunCall:
+    """The settings of `slot`'s call for step `version` with `theta`."""
+    return RunCall(slot.epoch, seed, version, self.accumulate, self._restore_for(slot, theta),
                    self.combine_on_worker, slot.undo)
 
   @staticmethod
-  def _sent(slot: _Slot, call: RunCall, sent_at: float) -> None:
-    """Notes `call` as sent to `slot` at wall-clock time `sent_at`."""
-    slot.ref_init, slot.sent_at, slot.undo, slot.ref_version = call.init, sent_at, None, call.version
+  def _sent(slot: _Slot, call: RunCall, sent_at: float, theta) -> None:
+    """Notes `call` (with `theta`) as sent to `slot` at wall-clock time `sent_at`."""
+    slot.sent_at, slot.undo, slot.ref_version, slot.ref_theta = sent_at, None, call.version, theta
+    slot.ref_replays = -1 if call.restore is None else len(call.restore.replay)
+    if call.restore is not None:
+      slot.history.sent(theta)
     # Optimistic: if this call fails, the pools are marked lost again.
     slot.initialized = True
 
@@ -277,7 +300,7 @@ class Scheduler(GraphSteps):
     try:
       result = ray.get(ref)
       received = time.time()
-    except _ACTOR_LOST as e:
+    except ACTOR_LOST as e:
       stats["worker_failures"] += self._lost(slot, e)
       return
     self._accept(slot, result, received, version, accepted, stats)
@@ -289,12 +312,21 @@ class Scheduler(GraphSteps):
     if result["status"] == "uninitialized" or result["epoch"] != slot.epoch:
       # A restarted actor, or a result of pools the learner has since replaced.
       if result["status"] == "uninitialized":
-        self.log.warning("worker %d has no pools (restarted?); re-initializing them", slot.index)
+        if not slot.reported:
+          self.log.warning("worker %d was restarted (its pools are gone); restoring them "
+                           "exactly", slot.index)
         slot.epoch += 1
         slot.initialized = False
       return
-    stats["pool_inits"] += int(slot.ref_init)
+    slot.reported = False
+    if slot.ref_replays >= 0:
+      stats["pool_inits"] += 1
+      stats["runs_replayed"] += slot.ref_replays
     slot.done_version = max(slot.done_version, result["version"])
+    if not slot.history.received(result["seq"], result["version"], slot.ref_theta):
+      self.log.warning("worker %d: run %d arrived out of order; if it is lost its pools restart "
+                       "fresh (inexact)", slot.index, result["seq"])
+    stats["inexact"] |= int(not slot.history.exact)
     if version - result["version"] > self.max_staleness:
       stats["units_dropped_stale"] += sum(n for _, _, n in result["units"])
       return
@@ -318,71 +350,18 @@ class Scheduler(GraphSteps):
     self._graph_drop()   # the actor's restart broke the graph's channels to it
     slot.backoff_s = min(2.0, max(0.1, 2 * slot.backoff_s))
     slot.retry_at = time.monotonic() + slot.backoff_s
-    if slot.recovering and isinstance(error, ray.exceptions.ActorUnavailableError):
-      return 0
     slot.recovering = True
+    if slot.reported and isinstance(error, ray.exceptions.ActorUnavailableError):
+      return 0   # refused while Ray restarts the actor: the same fault, logged already
+    slot.reported = True
     self.failures += 1
     why = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
-    self.log.warning("worker %d lost (%s); Ray restarts it and its pools are re-initialized "
+    self.log.warning("worker %d lost (%s); Ray restarts it and its pools are restored exactly "
                      "(failure %d of at most %d)", slot.index, why, self.failures, self.max_failures)
     if self.failures > self.max_failures:
       raise RuntimeError(f"{self.failures} worker failures exceed max_failures={self.max_failures}; "
                          "see the log of lopt.ray for their causes")
     return 1
-
-  # ---- whole-pool calls (checkpoints) -----------------------------------------------------
-  def _call_all(self, call: Callable[[_Slot], Any], slots: Sequence[_Slot] | None = None) -> dict:
-    """Runs `call(slot)` on every worker (or on `slots`), re-issuing it on workers that die."""
-    results = {}
-    todo = list(self.slots if slots is None else slots)
-    while todo:
-      refs = {s.index: call(s) for s in todo}
-      again = []
-      for slot in todo:
-        try:
-          results[slot.index] = ray.get(refs[slot.index])
-          slot.recovering, slot.backoff_s = False, 0.0
-        except _ACTOR_LOST as e:
-          self._lost(slot, e)
-          again.append(slot)
-      if again:
-        time.sleep(max(0.0, max(s.retry_at for s in again) - time.monotonic()))
-      todo = again
-    return results
-
-  def get_states(self, theta, *, seed: int) -> dict:
-    """{(family, shard): host pool state} from every worker (initializing empty ones),
-    as of before any prefetched call (those are still to be applied)."""
-    def call(slot):
-      init = not slot.initialized
-      slot.initialized = True
-      before = self.prefetched if slot.undo is None else slot.undo
-      return slot.actor.get_states.remote(theta, epoch=slot.epoch, seed=seed, init=init,
-                                          before=before)
-    out = {}
-    for index, result in self._call_all(call).items():
-      if result["status"] != "ok":
-        # Restarted since its last call (e.g. during a prefetched one): fresh pools.
-        slot = self.slots[index]
-        slot.epoch, slot.initialized, slot.done_version = slot.epoch + 1, False, -1
-        result = self._call_all(call, [slot])[index]
-      out.update(result["states"])
-    return out
-
-  def set_states(self, by_shard: dict) -> None:
-    """Replaces every worker's pools (a restored run: outer steps may be replayed, so
-    the record of applied estimates restarts); calls in flight become stale."""
-    self._applied = set()
-    self.prefetched = None
-    self._graph_discard()
-    def call(slot):
-      slot.epoch += 1
-      slot.initialized = True
-      slot.done_version = -1
-      slot.undo = None
-      mine = {(sh.family, sh.index): by_shard[sh.family, sh.index] for sh in slot.shards}
-      return slot.actor.set_states.remote(mine, epoch=slot.epoch)
-    self._call_all(call)
 
   def close(self) -> None:
     self._graph_drop()

@@ -46,6 +46,12 @@ def from_host(tree: Any, template: Any) -> Any:
   return jax.tree.map(back, template, tree)
 
 
+def _fetched(theta):
+  """A theta the learner recorded: the array, or the object-store copy it was sent as
+  (large theta; a reference inside an argument is not resolved by Ray)."""
+  return ray.get(theta) if isinstance(theta, ray.ObjectRef) else theta
+
+
 class Shard(NamedTuple):
   """Tasks [start, stop) of estimator `family`'s pool; `index` is the shard's number
   within that pool."""
@@ -55,13 +61,29 @@ class Shard(NamedTuple):
   stop: int
 
 
+class Restore(NamedTuple):
+  """How a worker rebuilds its pools before a call (recovery.py keeps what it needs).
+
+  seq: the number of runs its starting point had gone through.
+  states: {(family, shard): host state} of the starting point; None: fresh pools of
+    the run's seed, initialized with `theta`.
+  theta: flat theta of the fresh pools (None: the call's own theta).
+  replay: ((version, flat theta or its ObjectRef), ...): the runs to redo after the
+    starting point, in order, with the keys of their version.
+  """
+  seq: int
+  states: dict | None
+  theta: Any
+  replay: tuple
+
+
 class RunCall(NamedTuple):
   """The settings of one `PoolWorker.run` call (see there)."""
   epoch: int
   seed: int
   version: int
   accumulate: int
-  init: bool
+  restore: Restore | None   # rebuild the pools first (None: use the ones held)
   combine: bool
   undo: int | None = None   # first rewind the pools to before this version's run
 
@@ -156,7 +178,8 @@ class PoolWorker:
     self._unflatten = jax.jit(self._layout.unflatten)
     self._pack = jax.jit(self._pack_impl, static_argnums=1)
     self._steps_keys = {}
-    self._before = None   # (epoch, version, pools) the last run started from
+    self._seq = 0          # runs the pools have gone through (the learner's count, see Restore)
+    self._before = None    # (epoch, version, pools, seq) the last run started from
     self._lock = threading.Lock()
 
   def node_id(self) -> str:
@@ -183,6 +206,40 @@ class PoolWorker:
           outer.pool_key(seed, sh.family), theta, indices=indices)
     self._pools, self._epoch = pools, epoch
 
+  def _restore(self, restore: Restore, theta, seed: int, epoch: int, accumulate: int) -> None:
+    """Rebuilds the pools the learner recorded: the starting point, then its runs
+    replayed with their own keys and theta (the same compiled programs on the same
+    inputs: bit-identical pools)."""
+    if restore.states is not None:
+      self._set_states(restore.states, epoch=epoch, seq=restore.seq)
+    else:
+      init_theta = theta if restore.theta is None else self._unflatten(_fetched(restore.theta))
+      self._init_pools(init_theta, seed, epoch)
+      self._seq = restore.seq
+    for version, flat in restore.replay:
+      self._pools = self._advance(self._unflatten(_fetched(flat)), seed, version, accumulate)[0]
+      self._seq += 1
+    self._before = None
+
+  def _keys(self, seed: int, version: int, accumulate: int) -> dict:
+    if seed not in self._steps_keys:
+      self._steps_keys[seed] = outer.run_keys(seed).steps
+    # Keys depend on (step, j, family) only: derived once, not once per shard.
+    return {(j, f): outer.estimate_key(self._steps_keys[seed], version, j, f)
+            for j in range(accumulate) for f in sorted({sh.family for sh in self._shards})}
+
+  def _advance(self, theta, seed: int, version: int, accumulate: int):
+    """Every shard advanced `accumulate` truncations: (new pools, unit keys, estimates)."""
+    keys = self._keys(seed, version, accumulate)
+    pools, units, estimates = dict(self._pools), [], []
+    for j in range(accumulate):
+      for sh in self._shards:
+        pools[sh.family, sh.index], est = self._estimators[sh.family].estimate(
+            keys[j, sh.family], theta, pools[sh.family, sh.index])
+        units.append(((version, j, sh.family, sh.index), 1))
+        estimates.append(est)
+    return pools, units, estimates
+
   def _ready(self, epoch: int) -> bool:
     return self._pools is not None and self._epoch == epoch
 
@@ -201,39 +258,30 @@ class PoolWorker:
       call: the step's settings (one argument: Ray serializes each argument on its own,
         and six keyword arguments cost 0.3 ms per call here).
 
-    Returns {"status": "ok", "epoch", "version", "units": [((version, j, f, s), row,
-    shards covered), ...], "rows": the estimates as float32 [rows, width] (`RowLayout`),
-    "compute_s"} or {"status": "uninitialized", "epoch"}. With `combine`, one row per
-    (j, f), the pair-weighted mean of its shards, keyed by its first shard.
+    Returns {"status": "ok", "epoch", "version", "seq" (runs the pools have now gone
+    through), "units": [((version, j, f, s), row, shards covered), ...], "rows": the
+    estimates as float32 [rows, width] (`RowLayout`), "compute_s"} or {"status":
+    "uninitialized", "epoch"}. With `combine`, one row per (j, f), the pair-weighted
+    mean of its shards, keyed by its first shard.
     """
     entered = time.time()   # wall clock: the learner compares it with its own stamps
     with self._lock:
       return self._run(theta, call, entered)
 
   def _run(self, theta: np.ndarray, call: RunCall, entered: float) -> dict:
-    epoch, seed, version, accumulate, init, combine, undo = call
+    epoch, seed, version, accumulate, restore, combine, undo = call
     if self._delay_s:
       time.sleep(self._delay_s)
     t0 = time.perf_counter()
     theta = self._unflatten(theta)
-    if init:
-      self._init_pools(theta, seed, epoch)
+    if restore is not None:
+      self._restore(restore, theta, seed, epoch, accumulate)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
-    if undo is not None and not init and self._before is not None and self._before[:2] == (epoch, undo):
-      self._pools = self._before[2]   # the learner discarded that (prefetched) call
-    if seed not in self._steps_keys:
-      self._steps_keys[seed] = outer.run_keys(seed).steps
-    # Keys depend on (step, j, family) only: derived once, not once per shard.
-    keys = {(j, f): outer.estimate_key(self._steps_keys[seed], version, j, f)
-            for j in range(accumulate) for f in sorted({sh.family for sh in self._shards})}
-    pools, units, estimates = dict(self._pools), [], []
-    for j in range(accumulate):
-      for sh in self._shards:
-        pools[sh.family, sh.index], est = self._estimators[sh.family].estimate(
-            keys[j, sh.family], theta, pools[sh.family, sh.index])
-        units.append(((version, j, sh.family, sh.index), 1))
-        estimates.append(est)
+    if undo is not None and restore is None and self._before is not None and self._before[:2] == (epoch, undo):
+      # The learner discarded that (prefetched) call.
+      self._pools, self._seq = self._before[2], self._before[3]
+    pools, units, estimates = self._advance(theta, seed, version, accumulate)
     groups = None
     if combine:  # units of one (j, f) are consecutive
       bounds = [i for i in range(len(units) + 1)
@@ -245,39 +293,45 @@ class PoolWorker:
     rows = np.asarray(self._pack(estimates, groups))
     # Committed only once every shard has advanced; the old pools are kept for a
     # checkpoint or an undo of this call while it is a prefetch.
-    self._before, self._pools = (epoch, version, self._pools), pools
-    return {"status": "ok", "epoch": epoch, "version": version, "rows": rows,
+    self._before, self._pools = (epoch, version, self._pools, self._seq), pools
+    self._seq += 1
+    return {"status": "ok", "epoch": epoch, "version": version, "seq": self._seq, "rows": rows,
             "units": [(k, row, n) for row, (k, n) in enumerate(units)],
             "compute_s": time.perf_counter() - t0, "entered": entered, "left": time.time()}
 
-  def get_states(self, theta: np.ndarray, *, epoch: int, seed: int, init: bool,
-                 before: int | None = None) -> dict:
-    """The shards' pool states (host arrays), keyed by (family, shard); if the last
-    run was of version `before` (a prefetch), the states it started from."""
+  def get_states(self, theta: np.ndarray | None, *, epoch: int, seed: int,
+                 restore: Restore | None, accumulate: int = 1, before: int | None = None) -> dict:
+    """{"status": "ok", "epoch", "seq", "states": the shards' pool states (host arrays)
+    keyed by (family, shard)}, or {"status": "uninitialized", "epoch"}. If the last run
+    was of version `before` (a prefetch), the states it started from. `restore` (and
+    the `theta` and `accumulate` it needs) rebuilds the pools first."""
     with self._lock:
-      return self._get_states(theta, epoch=epoch, seed=seed, init=init, before=before)
+      return self._get_states(theta, epoch=epoch, seed=seed, restore=restore,
+                              accumulate=accumulate, before=before)
 
-  def _get_states(self, theta, *, epoch, seed, init, before) -> dict:
-    if init:
-      self._init_pools(self._unflatten(theta), seed, epoch)
+  def _get_states(self, theta, *, epoch, seed, restore, accumulate, before) -> dict:
+    if restore is not None:
+      self._restore(restore, None if theta is None else self._unflatten(theta), seed, epoch, accumulate)
     if not self._ready(epoch):
       return {"status": "uninitialized", "epoch": epoch}
-    pools = self._pools
+    pools, seq = self._pools, self._seq
     if before is not None and self._before is not None and self._before[:2] == (epoch, before):
-      pools = self._before[2]
-    return {"status": "ok", "epoch": epoch, "states": {k: to_host(v) for k, v in pools.items()}}
+      pools, seq = self._before[2], self._before[3]
+    return {"status": "ok", "epoch": epoch, "seq": seq,
+            "states": {k: to_host(v) for k, v in pools.items()}}
 
-  def set_states(self, states: dict, *, epoch: int) -> dict:
-    """Replaces the shards' pools by `states` ((family, shard) -> host state)."""
+  def set_states(self, states: dict, *, epoch: int, seq: int = 0) -> dict:
+    """Replaces the shards' pools by `states` ((family, shard) -> host state) that have
+    gone through `seq` runs."""
     with self._lock:
-      return self._set_states(states, epoch=epoch)
+      return self._set_states(states, epoch=epoch, seq=seq)
 
-  def _set_states(self, states: dict, *, epoch: int) -> dict:
+  def _set_states(self, states: dict, *, epoch: int, seq: int = 0) -> dict:
     pools = {}
     for sh in self._shards:
       est = self._estimators[sh.family]
       template = jax.eval_shape(lambda: est.init(jax.random.key(0), est.lopt.init_meta_params(
           jax.random.key(0)), indices=jnp.arange(sh.start, sh.stop, dtype=jnp.int32)))
       pools[sh.family, sh.index] = from_host(states[sh.family, sh.index], template)
-    self._pools, self._epoch = pools, epoch
+    self._pools, self._epoch, self._seq, self._before = pools, epoch, seq, None
     return {"status": "ok", "epoch": epoch}
