@@ -72,12 +72,12 @@ def test_init_from_starts_meta_training_from_a_checkpoint(tmp_path):
   theta = jax.tree.map(lambda x: x + 0.7, lopt.init_meta_params(jax.random.key(5)))
   path = str(tmp_path / "start.lopt")
   learned_opt.save(path, lopt, theta, {"note": "test"})
-  tuned = config_lib.load_config(None, QUICK + [f"lopt.init_from={path}", "outer.num_steps=0"])
-  start = run_meta_training(tuned, str(tmp_path / "run0"), progress=False)
+  tuned = config_lib.load_config(None, QUICK + [f"lopt.init_from={path}"])
+  start = run_meta_training(tuned, str(tmp_path / "run0"), progress=False, stop_after=0)
   for a, b in zip(jax.tree.leaves(start.learner.meta_params), jax.tree.leaves(theta)):
     np.testing.assert_array_equal(a, b)
-  fresh = run_meta_training(config_lib.load_config(None, QUICK + ["outer.num_steps=0"]),
-                            str(tmp_path / "fresh"), progress=False)
+  fresh = run_meta_training(config_lib.load_config(None, QUICK), str(tmp_path / "fresh"),
+                            progress=False, stop_after=0)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fresh.learner.meta_params),
                                                       jax.tree.leaves(theta)))
   # A shipped name works too, and a mismatched architecture or unknown source is named.
