@@ -1,4 +1,6 @@
 """Adam/Muon baselines: the Muon partition, equality with optax.contrib.muon, errors."""
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -197,3 +199,71 @@ def test_adamw_decays_kernels_only():
   updates, _ = opt.update(jax.tree.map(jnp.zeros_like, tree), opt.init(tree), tree)
   np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.05)
   np.testing.assert_allclose(updates["Dense_0"]["bias"], 0.0)
+
+
+# ------------------------------------------------------------------ plain-dict models
+
+def _muon_warnings(run):
+  """The UserWarnings muon gives while `run()` runs."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    run()
+  return [str(w.message) for w in caught
+          if issubclass(w.category, UserWarning) and str(w.message).startswith("muon:")]
+
+
+def _plain_model():
+  k = jax.random.split(jax.random.key(0), 4)
+  params = {"emb": jax.random.normal(k[0], (10, 4)), "w_hidden": jax.random.normal(k[1], (4, 4)),
+            "w_out": jax.random.normal(k[2], (4, 10))}
+  tokens = jax.random.randint(k[3], (16,), 0, 10)
+
+  def loss(p):
+    h = jnp.tanh(p["emb"][tokens] @ p["w_hidden"])
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["w_out"], tokens).mean()
+  return params, loss
+
+
+def test_plain_dict_embedding_and_head_go_to_muon_with_a_warning():
+  """The rule reads flax names; a plain dict's `emb` and `w_out` (first and last leaves)
+  go to Muon. Before: silently. Now: one warning naming both, per factory call with
+  params, per init without."""
+  params, loss = _plain_model()
+  assert _flat_labels(params, muon_labels(params)) == {
+      "['emb']": "muon", "['w_hidden']": "muon", "['w_out']": "muon"}
+  (msg,) = _muon_warnings(lambda: muon(0.1, params=params))
+  assert "['emb'] (the first leaf, shape (10, 4))" in msg
+  assert "['w_out'] (the last leaf, shape (4, 10))" in msg and "label_fn" in msg
+  opt = muon(0.1)
+  assert _muon_warnings(lambda: opt) == []
+  assert len(_muon_warnings(lambda: opt.init(params))) == 1
+  assert _muon_warnings(lambda: _run(opt, params, loss, steps=2)) != []  # _run inits
+  with pytest.warns(UserWarning, match="muon:"):
+    state = opt.init(params)
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+  assert _muon_warnings(lambda: step(jax.grad(loss)(params), state, params)) == []
+  # The user's own labels: no warning, and they are used.
+  mine = lambda p: {"emb": "adam", "w_hidden": "muon", "w_out": "adam"}
+  assert _muon_warnings(lambda: muon(0.1, params=params, label_fn=mine)) == []
+  assert muon_dimension_numbers(params, mine(params))["emb"] is None
+  # Renamed as the rule expects: nothing to warn about, and the partition is right.
+  renamed = {"embed": params["emb"], "hidden": {"kernel": params["w_hidden"]},
+             "head": {"kernel": params["w_out"]}}
+  assert _muon_warnings(lambda: muon(0.1, params=renamed)) == []
+  assert _flat_labels(renamed, muon_labels(renamed)) == {
+      "['embed']": "adam", "['head']['kernel']": "adam", "['hidden']['kernel']": "muon"}
+
+
+@pytest.mark.parametrize("name", ["quadratic", "logreg_synthetic", "mlp_synthetic",
+                                  "conv_synthetic", "lstm_synthetic", "transformer_synthetic"])
+def test_flax_trees_where_the_rule_is_right_do_not_warn(name):
+  """flax MLP, conv net, LSTM (whose last leaf is a 2-D gate kernel, rightly Muon) and
+  transformer: the positional check looks at non-`kernel` leaves only."""
+  params = _family_params(name)
+  assert _muon_warnings(lambda: muon(0.1, params=params)) == []
+  assert _muon_warnings(lambda: muon(0.1).init(params)) == []
+
+
+def test_small_flax_mlp_does_not_warn():
+  params, loss = _mlp_problem()
+  assert _muon_warnings(lambda: _run(muon(0.1), params, loss, steps=2)) == []

@@ -25,6 +25,13 @@ The default rule (`muon_labels`), for flax linen parameter trees, first match wi
   4. Muon: every other leaf of rank >= 2 (hidden Dense kernels, the first layer of an MLP
      on pixels, LSTM gate kernels, attention projections, conv kernels).
 
+The rule reads flax's names. A plain-dict model has none to read: there `{"emb": ...,
+"w_hidden": ..., "w_out": ...}` sends `emb` and `w_out` to Muon (only a path containing
+`embed`, or a `kernel` under a head-named module, is recognized). So `muon` warns when
+the first or last leaf of the tree (in `jax.tree` order, where an embedding or a head
+often sits) is a 2-D leaf, not a flax `kernel`, that the default rule sends to Muon;
+rename such leaves (`embed`, `head/kernel`) or pass `label_fn`.
+
 Dimension numbers of Muon leaves (`muon_dimension_numbers`): 2-D kernels are (in, out);
 flax attention `query`/`key`/`value` kernels [in, heads, head_dim] are orthogonalized as
 one [in, heads * head_dim] matrix and `out` kernels [heads, head_dim, out] as one
@@ -34,6 +41,7 @@ flattened to [prod(window) * in, out] as Jordan does for conv filters.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -104,6 +112,31 @@ def muon_labels(params: Params) -> Params:
   return jax.tree_util.tree_map_with_path(lambda p, x: _label(_names(p), x.ndim, heads), params)
 
 
+def _warn_positional_suspects(params: Params, labels: Params) -> None:
+  """Warns if the first or last leaf is a 2-D non-`kernel` leaf labelled "muon": by
+  position it may be an embedding or an output head that the name rule cannot see
+  (a plain-dict model). flax trees do not trigger it: their layer weights are `kernel`s,
+  whose roles the rule reads from module names, and their embeddings are `embedding`s."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  label_leaves = jax.tree_util.tree_leaves(labels)
+  ends = {0: "first", len(flat) - 1: "last"}
+  suspects = [f"{jax.tree_util.keystr(flat[i][0])} (the {where} leaf, shape "
+              f"{tuple(flat[i][1].shape)})"
+              for i, where in sorted(ends.items())
+              if flat and flat[i][1].ndim == 2 and label_leaves[i] == MUON
+              and _names(flat[i][0])[-1] != "kernel"]
+  if suspects:
+    warnings.warn(
+        f"muon: {' and '.join(suspects)} {'go' if len(suspects) > 1 else 'goes'} to Muon "
+        f"by lopt's partition rule, but by position it may be an embedding or the output "
+        f"head, which belong to Adam. The "
+        f"rule reads names: Adam takes paths containing 'embed' and kernels under a module "
+        f"named head/lm_head/logits/readout/classifier/unembed (or the last top-level "
+        f"Dense_<i>). Rename the leaf (e.g. 'embed', 'head': {{'kernel': ...}}) or pass "
+        f"label_fn=...; if it is a hidden weight, ignore this.",
+        UserWarning, stacklevel=4)  # the caller of muon(...) or of its init
+
+
 def _dimension_numbers(names: tuple[str, ...], ndim: int) -> MuonDimensionNumbers:
   if ndim == 2:
     return MuonDimensionNumbers(reduction_axis=0, output_axis=1)
@@ -166,7 +199,15 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, params: Optional[Params] = No
   """Muon on hidden weight tensors, Adam on the rest, in one optax transform.
 
   Jordan et al. 2024 (https://kellerjordan.github.io/posts/muon/), as implemented by
-  `optax.contrib.muon`; this function only chooses its partition (module docstring).
+  `optax.contrib.muon`; this function only chooses its partition. The default rule
+  (`muon_labels`, module docstring), first match wins: biases, norm parameters and
+  leaves of rank < 2 -> Adam; any path component containing `embed` -> Adam; the output
+  head (`kernel`s under a module named head, lm_head, output_head, logits, unembed,
+  readout or classifier, else the `kernel` of the last top-level `Dense_<i>`) -> Adam;
+  every other leaf of rank >= 2 -> Muon. It reads flax names: in a plain dict such as
+  `{"emb", "w_hidden", "w_out"}` all three go to Muon, and a warning names the first or
+  last leaf if it is 2-D, not a `kernel`, and sent to Muon (an embedding or head by
+  position). Pass `label_fn` to decide yourself (no warning then).
 
   Args:
     learning_rate: Muon's learning rate (a scalar, a traced array, or a schedule).
@@ -197,8 +238,10 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, params: Optional[Params] = No
   if label_fn is not None and not callable(label_fn):
     raise ValueError(f"label_fn must be a callable params -> labels, got {label_fn!r}")
 
-  def build(tree):
+  def build(tree, check=False):
     labels = None if label_fn is None else label_fn(tree)
+    if check and label_fn is None:
+      _warn_positional_suspects(tree, muon_labels(tree))
     return optax.contrib.muon(
         learning_rate, ns_steps=ns_steps, beta=beta, eps=eps, weight_decay=weight_decay,
         nesterov=nesterov, adam_b1=adam_b1, adam_b2=adam_b2,
@@ -207,12 +250,13 @@ def muon(learning_rate: optax.ScalarOrSchedule, *, params: Optional[Params] = No
         consistent_rms=consistent_rms)
 
   if params is not None:
-    return build(params)
+    return build(params, check=True)  # the warning, once per call of this factory
 
   # The partition is a function of the tree's paths and ranks only, which `updates`
   # shares with `params`; rebuilding optax's transform per call is trace-time Python.
+  # The warning comes once per init, not from every update's trace.
   def init_fn(params):
-    return build(params).init(params)
+    return build(params, check=True).init(params)
 
   def update_fn(updates, state, params=None):
     return build(updates).update(updates, state, params)
