@@ -213,3 +213,23 @@ def test_scale_suite_tasks_are_100x_the_meta_training_tasks_at_realistic_budgets
     assert n >= 100 * suites.SCALE_REFERENCE_PARAMS, (name, n)
   lm = scale["transformer_scale_tiny_shakespeare"]
   assert lm.num_steps >= 2000 and lm.build(None).seq_len >= 128
+
+
+def test_cache_key_follows_the_source_of_the_modules_a_baseline_names(tmp_path, monkeypatch):
+  import importlib
+  import sys
+  mod_path = tmp_path / "lopt_fake_rule.py"
+  mod_path.write_text("def rule():\n  return 1\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  fake = importlib.import_module("lopt_fake_rule")
+  cand = candidates.resolve("adam")._replace(sources=(fake,))
+  before = cache_lib.candidate_fingerprint(cand)
+  assert cache_lib.candidate_fingerprint(cand) == before
+  assert cache_lib.candidate_fingerprint(candidates.resolve("adam")) != before
+  mod_path.write_text("def rule():\n  return 2\n")  # the baseline's code changed
+  fake = importlib.reload(fake)
+  assert cache_lib.candidate_fingerprint(cand._replace(sources=(fake,))) != before
+  sys.modules.pop("lopt_fake_rule", None)
+  saferate = candidates.resolve("saferate")
+  assert {m.__name__ for m in saferate.sources} >= {"learned_opt.baselines.saferate",
+                                                    "learned_opt.bounds.rules"}

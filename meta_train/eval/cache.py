@@ -56,11 +56,13 @@ def _source(fn) -> str:
 
 
 def candidate_fingerprint(candidate) -> str:
-  """A baseline's definition: its table fingerprint and the source of its factory (and
-  of its eval-point function), so editing the factory misses the cache."""
-  return _sha(json.dumps({"fingerprint": candidate.fingerprint, "make": _source(candidate.make),
-                          "eval_params": (None if candidate.eval_params is None
-                                          else _source(candidate.eval_params))}))
+  """A baseline's definition: its table fingerprint, the source of its factory (and of
+  its eval-point function) and of the lopt modules it names (`Candidate.sources`), so
+  editing any of those misses the cache and editing anything else does not."""
+  return _sha(json.dumps({
+      "fingerprint": candidate.fingerprint, "make": _source(candidate.make),
+      "eval_params": None if candidate.eval_params is None else _source(candidate.eval_params),
+      "sources": {m.__name__: _sha(_source(m)) for m in candidate.sources}}, sort_keys=True))
 
 
 class ResultCache:

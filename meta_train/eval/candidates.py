@@ -15,16 +15,20 @@ names `resolve` understands:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.resources
 import os
 import pathlib
+import types
 from typing import Any, Callable, NamedTuple, Optional
 
 import optax
 
 import learned_opt
-from learned_opt import baselines
-from learned_opt.baselines import scheduled
+from learned_opt import _sums, baselines
+from learned_opt.baselines import adam_muon, hypergradient, scheduled
+from learned_opt.bounds import (elementwise, enclosure, fusion, interpreter, interval, jaxpr_utils,
+                                rules, stabilizers)
 from learned_opt.meta_train.inner.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
@@ -50,6 +54,9 @@ class Candidate(NamedTuple):
       evaluation re-runs an optimizer whose checkpoint changed under the same name.
     eval_params: `(opt_state, params) -> params` where the final losses are measured
       (schedule-free AdamW); None: the trained params.
+    sources: the lopt modules whose code determines this optimizer's results (their
+      source is hashed into the baseline cache's key, so a change there re-runs it and a
+      change elsewhere does not).
   """
   name: str
   make: Make
@@ -58,6 +65,7 @@ class Candidate(NamedTuple):
   kind: str = "hyperparameter-free"
   fingerprint: str = ""
   eval_params: Optional[Callable[[Any, Any], Any]] = None
+  sources: tuple[types.ModuleType, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +79,7 @@ class Baseline:
       cached results are re-run).
     default: run by `lopt eval` unless `--baselines` says otherwise.
     description: one line for `--help` and reports.
-    eval_params: see `Candidate`.
+    eval_params, sources: see `Candidate`.
   """
   make: Make
   tuned: bool
@@ -79,6 +87,7 @@ class Baseline:
   default: bool = True
   description: str = ""
   eval_params: Optional[Callable[[Any, Any], Any]] = None
+  sources: tuple[types.ModuleType, ...] = ()
 
 
 # The wrapper SafeRate candidates use; a module attribute so tests can swap in another
@@ -128,28 +137,40 @@ def _saferate_adam(lr, aux, num_steps):
   return safeguard(baselines.adam_direction())
 
 
+_SCHEDULED, _ADAM_MUON = scheduled, adam_muon
+# The module, not the function `learned_opt.baselines` re-exports under the same name.
+saferate_module = importlib.import_module("learned_opt.baselines.saferate")
+# SafeRate's results depend on the whole bound interpreter.
+_SAFERATE = (saferate_module, adam_muon, elementwise, enclosure, fusion, interpreter, interval,
+             jaxpr_utils, rules, stabilizers)
+
 BASELINES: dict[str, Baseline] = {
     "adamw_cosine": Baseline(
         _adamw_cosine, True, f"adamw_cosine:wd{scheduled.ADAMW_WEIGHT_DECAY}:"
         f"warmup{scheduled.WARMUP_FRACTION}", description="AdamW, linear warmup over 5% of "
-        "the budget, cosine decay to 0; peak rate tuned on the grid; weight decay 1e-4"),
+        "the budget, cosine decay to 0; peak rate tuned on the grid; weight decay 1e-4",
+        sources=(_SCHEDULED, _ADAM_MUON)),
     "muon_cosine": Baseline(
         _muon_cosine, True, f"muon_cosine:warmup{scheduled.WARMUP_FRACTION}",
-        description="Muon (Adam elsewhere) under the same warmup-cosine schedule, tuned"),
+        description="Muon (Adam elsewhere) under the same warmup-cosine schedule, tuned",
+        sources=(_SCHEDULED, _ADAM_MUON)),
     "schedule_free_adamw": Baseline(
         _schedule_free_adamw, True, f"schedule_free_adamw:wd{scheduled.ADAMW_WEIGHT_DECAY}:"
         f"warmup{scheduled.WARMUP_FRACTION}", description="optax's schedule-free AdamW, "
         "tuned on the grid, evaluated at its averaged iterate",
-        eval_params=optax.contrib.schedule_free_eval_params),
+        eval_params=optax.contrib.schedule_free_eval_params, sources=(_SCHEDULED,)),
     "adam": Baseline(_adam, True, "adam", description="Adam, learning rate tuned on the grid"),
     "muon": Baseline(_muon, True, "muon:hidden-weights",
-                     description="Muon on hidden matrices, Adam elsewhere, tuned on the grid"),
+                     description="Muon on hidden matrices, Adam elsewhere, tuned on the grid",
+                     sources=(_ADAM_MUON,)),
     "saferate": Baseline(_saferate_adam, False, "saferate:adam",
-                         description="SafeRate on Adam's direction (hyperparameter-free)"),
+                         description="SafeRate on Adam's direction (hyperparameter-free)",
+                         sources=_SAFERATE),
     "prodigy": Baseline(_prodigy, False, "prodigy:lr1",
                         description="optax's Prodigy at its default learning rate 1"),
     "adam_hd": Baseline(_adam_hd, False, f"adam_hd:lr{ADAM_HD_LR}",
-                        description="Adam with hypergradient per-tensor rates from 3e-3"),
+                        description="Adam with hypergradient per-tensor rates from 3e-3",
+                        sources=(hypergradient, _sums)),
 }
 DEFAULT_BASELINES: tuple[str, ...] = tuple(n for n, b in BASELINES.items() if b.default)
 
@@ -196,8 +217,9 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
     b = BASELINES[name]
     if b.tuned:
       return Candidate(name, b.make, tuple(lr_grid), None, "tuned", b.fingerprint,
-                       b.eval_params)
-    return Candidate(name, b.make, fingerprint=b.fingerprint, eval_params=b.eval_params)
+                       b.eval_params, b.sources)
+    return Candidate(name, b.make, fingerprint=b.fingerprint, eval_params=b.eval_params,
+                     sources=b.sources)
   if name.startswith(SAFERATE_PREFIX):
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
