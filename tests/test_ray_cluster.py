@@ -36,6 +36,9 @@ def cluster():
 
 
 @pytest.mark.slow
+# The Cluster harness starts its nodes' daemons from this (JAX-initialized) process by
+# fork+exec, which trips JAX's at-fork warning; lopt's own `connect` is not used here.
+@pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_run_survives_a_removed_node_and_keeps_learning(cluster, tmp_path, caplog):
   cfg = config_lib.load_config(None, QUICK)
   lopt = config_lib.build_lopt(cfg.lopt)
