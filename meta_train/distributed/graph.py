@@ -191,9 +191,12 @@ class GraphSteps:
     who = [f"worker {s.index}" for s in self.slots if s.actor._actor_id.hex() == dead]
     for slot in self.slots:
       slot.reported = slot.reported or slot.actor._actor_id.hex() == dead   # logged here
-    self.log.warning("%s lost during the compiled-graph step %d (%s); Ray restarts it and the "
-                     "step is redone with actor calls (failure %d of at most %d)",
-                     (who or ["a worker"])[0], version, why, self.failures, self.max_failures)
+    # Unnamed (a broken channel, say), the worker's next actor call reports it: one
+    # warning per fault either way.
+    (self.log.warning if who else self.log.info)(
+        "%s lost during the compiled-graph step %d (%s); Ray restarts it and the step is "
+        "redone with actor calls (failure %d of at most %d)",
+        (who or ["a worker"])[0], version, why, self.failures, self.max_failures)
     if self.failures > self.max_failures:
       raise RuntimeError(f"{self.failures} worker failures exceed max_failures={self.max_failures}; "
                          "see the log of lopt.ray for their causes")
