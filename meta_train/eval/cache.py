@@ -104,6 +104,7 @@ class ResultCache:
     try:
       with os.fdopen(fd, "w") as f:
         json.dump(entry, f, indent=1, sort_keys=True, allow_nan=False)
+      os.chmod(tmp, 0o644)  # mkstemp makes it private; entries are shared files
       os.replace(tmp, path)
     except BaseException:
       if os.path.exists(tmp):
