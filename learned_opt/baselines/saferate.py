@@ -150,25 +150,29 @@ def _empty_info(dtype) -> SafeRateInfo:
 
 
 def _stored(x: jax.Array, dtype) -> jax.Array:
-  """float32 x as `dtype` holds it, still in float32. Not x.astype(dtype).astype(float32):
-  inside jit XLA drops such a pair (excess precision), and the check below would then
-  see params more precise than the caller's (a 0.0002 relative difference seen in the
-  loss of a bfloat16 MLP). `reduce_precision` is kept."""
+  """x (float32 or wider) as `dtype` holds it, in x's dtype. Not a round trip through
+  x.astype(dtype): inside jit XLA drops such a convert pair (excess precision), and the
+  check below would then see params more precise than the caller's (0.0002 relative in
+  the loss of a bfloat16 MLP). `reduce_precision` is kept."""
   if not _is_narrow(jnp.zeros((), dtype)):
-    return x.astype(dtype)
+    return x.astype(dtype).astype(x.dtype)
   fi = jnp.finfo(dtype)
   return jax.lax.reduce_precision(x, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
 
 
 def _applied(params, updates):
-  """float32 copies of `optax.apply_updates(params, updates)` (p + u, rounded to p's
-  dtype; u as its dtype holds it), rounded as JAX specifies even inside jit."""
+  """float32 copies of `optax.apply_updates(params, updates)`: p + u in their promoted
+  dtype, then p's dtype (u as its dtype holds it), rounded as JAX specifies even inside
+  jit; the result is exact in float32 (a narrow leaf's value)."""
   def one(p, u):
+    p_dtype, u_dtype = jnp.result_type(p), jnp.result_type(u)
     if not (_is_narrow(p) or _is_narrow(u)):
-      return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
-    total = _stored(jnp.asarray(u, jnp.float32), jnp.result_type(u)) + jnp.asarray(p, jnp.float32)
-    total = _stored(total, jnp.promote_types(jnp.result_type(p), jnp.result_type(u)))
-    return _stored(total, jnp.result_type(p))
+      return jnp.asarray(p + u).astype(p_dtype)
+    sum_dtype = jnp.promote_types(p_dtype, u_dtype)
+    wide = jnp.promote_types(sum_dtype, jnp.float32)  # holds every operand exactly
+    total = _stored(jnp.asarray(u, wide), u_dtype) + jnp.asarray(p, wide)
+    total = _stored(_stored(total, sum_dtype), p_dtype)
+    return total.astype(jnp.float32) if _is_narrow(p) else total.astype(p_dtype)
   return jax.tree_util.tree_map(one, params, updates)
 
 
