@@ -113,7 +113,7 @@ def test_shipped_checkpoints_load():
     assert isinstance(lopt, lo.LearnedOptimizer)
 
 
-@pytest.mark.slow  # ~20 s: four optimizers x 150 steps
+@pytest.mark.slow  # ~10 s: two shipped optimizers x 150 steps
 def test_shipped_optimizers_train_a_task():
   """Every shipped optimizer, loaded as optax, cuts a held-in task's loss by half."""
   import jax
