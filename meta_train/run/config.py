@@ -106,13 +106,15 @@ class OuterConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """checkpoint_every: outer steps between run checkpoints; keep_checkpoints: how many
-  are kept; log_every: outer steps between metrics lines; tensorboard: also write
-  TensorBoard events if tensorboardX is installed; export: file name of the exported
-  meta-parameters inside the run folder (None: no export)."""
+  are kept; log_every: outer steps between metrics lines (always to metrics.jsonl);
+  tensorboard: also write TensorBoard events to the run's tb/ folder (off by default:
+  it needs tensorboardX, which is not a dependency; on without it, the run warns once,
+  naming `pip install tensorboardX`, and writes only metrics.jsonl); export: file name
+  of the exported meta-parameters inside the run folder (None: no export)."""
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
   log_every: int = 1
-  tensorboard: bool = True
+  tensorboard: bool = False
   export: str | None = "final.lopt"
 
   def __post_init__(self):

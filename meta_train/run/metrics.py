@@ -1,5 +1,10 @@
 """Run metrics: one JSON object per logged outer step (`metrics.jsonl`), TensorBoard too.
 
+TensorBoard events (`tb/`) are written only when asked for (`run.tensorboard: true`) and
+tensorboardX is installed (it is not a dependency); asked for without it, the run says
+so once (a `RuntimeWarning` naming `pip install tensorboardX`) and goes on with the JSON
+lines. Either way the writer prints, once, where the metrics go.
+
 A resumed run first drops the lines logged after its checkpoint, so the file reads as
 if the run had never stopped. A last line cut short by a kill (no newline, not JSON) is
 dropped with a warning: it holds nothing complete, and the step it belonged to comes
@@ -11,9 +16,14 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+TENSORBOARD_MISSING = ("run.tensorboard is on, but tensorboardX is not installed, so no "
+                       "TensorBoard events are written (metrics still go to {path}); "
+                       "pip install tensorboardX, or set run.tensorboard: false")
 log = logging.getLogger(__name__)
 
 
@@ -62,16 +72,28 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 class MetricsWriter:
-  """Appends metric records to `run_dir/metrics.jsonl` (and TensorBoard if available).
+  """Appends metric records to `run_dir/metrics.jsonl` (and TensorBoard if asked for).
+
+  On creation (the start of a run, fresh or resumed) it prints one line to stdout
+  saying where the metrics go: the metrics.jsonl path and, when TensorBoard events are
+  written, their folder.
 
   Args:
     run_dir: the run folder.
     resume_step: when resuming, records with step > resume_step are dropped first, and
       a torn last line (see `_read_records`).
-    tensorboard: also write TensorBoard scalars when tensorboardX is importable.
+    tensorboard: also write TensorBoard scalars to `run_dir/tb`; needs tensorboardX
+      (not a dependency). Without it: one `RuntimeWarning` naming `pip install
+      tensorboardX`, and only metrics.jsonl is written.
+    announce: print the line saying where the metrics go.
+
+  Attributes:
+    path: the metrics.jsonl file.
+    tensorboard_dir: the TensorBoard folder being written, or None.
   """
 
-  def __init__(self, run_dir: str, *, resume_step: int | None = None, tensorboard: bool = True):
+  def __init__(self, run_dir: str, *, resume_step: int | None = None, tensorboard: bool = False,
+               announce: bool = True):
     os.makedirs(run_dir, exist_ok=True)
     self.path = os.path.join(run_dir, METRICS_FILE)
     if resume_step is None:
@@ -88,12 +110,24 @@ class MetricsWriter:
       os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     self._tb = None
+    self.tensorboard_dir = None
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # optional; not a dependency
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
       except ImportError:
-        pass
+        warnings.warn(TENSORBOARD_MISSING.format(path=self.path), RuntimeWarning, stacklevel=2)
+      else:
+        self.tensorboard_dir = os.path.join(run_dir, TENSORBOARD_DIR)
+        self._tb = SummaryWriter(self.tensorboard_dir)
+    if announce:
+      print(self.destination(), flush=True)
+
+  def destination(self) -> str:
+    """One line: where this writer puts the metrics."""
+    if self.tensorboard_dir is None:
+      return f"metrics: {self.path}"
+    return (f"metrics: {self.path}; TensorBoard: {self.tensorboard_dir} "
+            f"(tensorboard --logdir {self.tensorboard_dir})")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
