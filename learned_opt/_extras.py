@@ -6,7 +6,7 @@ import types
 
 # Top-level module -> the extra of `pip install lopt[...]` that provides it.
 EXTRAS = {"ray": "ray", "tensorflow_datasets": "tfds", "array_record": "tfds",
-          "matplotlib": "plot", "tensorboardX": "tensorboard"}
+          "matplotlib": "plot"}
 
 
 def require(module: str, *, purpose: str) -> types.ModuleType:

@@ -20,7 +20,7 @@ from learned_opt.meta_train.run.metrics import METRICS_FILE
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 # Keys that may change when a run resumes: training longer (or shorter) is continuing.
-RESUMABLE_KEYS = ("outer.num_steps",)
+RESUMABLE_KEYS = ("outer.num_steps", "run.tensorboard")
 log = logging.getLogger(__name__)
 
 

@@ -70,7 +70,7 @@ def ship(run_dir: str, dest: str, *, wall_time_s: Optional[float] = None,
   Args:
     run_dir: a finished `lopt meta-train` run folder (holds config.yaml, metrics.jsonl
       and the exported `final.lopt`).
-    dest: the shipped file, e.g. checkpoints/per_param_mlp_small.lopt.
+    dest: the shipped file, e.g. checkpoints/hierarchical_hd.lopt.
     wall_time_s: measured wall time of the whole meta-training (compilation included).
     results: an evaluation (`results.json` contents) that includes this optimizer.
     name: its name in `results` (default: the file name of `dest`).
