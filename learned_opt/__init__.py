@@ -37,7 +37,9 @@ from learned_opt.features import FeatureSpec
 from learned_opt.hierarchical import HierarchicalLOpt
 from learned_opt.lstm_lopt import PerParamLSTM
 from learned_opt.mlp_lopt import PerParamMLP
+from learned_opt.normalized import NormalizedMLP
+from learned_opt.normalized_optax import normalized_mlp, scale_by_normalized_mlp
 from learned_opt.nominals import (AdamHDNominal, AdamNominal, Nominal, ProdigyNominal,
                                   register_nominal)
-from learned_opt.optax_adapter import to_optax
+from learned_opt.optax_adapter import scale_by_learned_direction, takes_learning_rate, to_optax
 from learned_opt.registry import ARCHITECTURES, get_architecture, register_architecture

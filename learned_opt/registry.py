@@ -11,6 +11,7 @@ from learned_opt.base import LearnedLR, LearnedOptimizer
 from learned_opt.hierarchical import HierarchicalLOpt
 from learned_opt.lstm_lopt import PerParamLSTM
 from learned_opt.mlp_lopt import PerParamMLP
+from learned_opt.normalized import NormalizedMLP
 
 ARCHITECTURES: dict[str, type[LearnedOptimizer]] = {}
 
@@ -55,5 +56,5 @@ def check_registered(lopt_or_cls) -> None:
                      "Call learned_opt.register_architecture on it first")
 
 
-for _cls in (LearnedLR, PerParamMLP, PerParamLSTM, HierarchicalLOpt):
+for _cls in (LearnedLR, PerParamMLP, PerParamLSTM, HierarchicalLOpt, NormalizedMLP):
   register_architecture(_cls)

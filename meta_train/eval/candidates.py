@@ -11,6 +11,14 @@ Hand-designed baselines come from one table, `BASELINES`: adding one is one entr
 names `resolve` understands:
   NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
   saferate+NAME       SafeRate around that learned optimizer's direction
+
+A learned optimizer whose class takes a learning rate (`takes_learning_rate`, e.g.
+`NormalizedMLP`: it outputs a unit-RMS direction) is run as `adamw_cosine` is: its peak
+rate tuned over the same grid, under the same warmup-cosine schedule
+(`baselines.warmup_cosine`) and the same decoupled weight decay and mask, kind "learned"
+with the chosen `lr` recorded. It runs bare (the learned direction on every leaf, as
+meta-training trains it), not with `normalized_mlp`'s Newton-Schulz / AdamW harness.
+Under `saferate+` such an optimizer's unit direction is what SafeRate scales.
 """
 from __future__ import annotations
 
@@ -35,6 +43,9 @@ from learned_opt.meta_train.inner.tuning import DEFAULT_GRID
 DEFAULT_LR_GRID: tuple[float, ...] = DEFAULT_GRID
 SAFERATE_PREFIX = "saferate+"
 ADAM_HD_LR = 3e-3   # adam_hd's initial rate; the shipped hierarchical_hd's step_mult
+# How a learned optimizer that takes a learning rate runs (in its results' fingerprint).
+LEARNED_LR_PROTOCOL = (f"tuned-lr:warmup_cosine{scheduled.WARMUP_FRACTION}:"
+                       f"wd{scheduled.ADAMW_WEIGHT_DECAY}")
 
 Make = Callable[..., optax.GradientTransformation]
 
@@ -176,13 +187,24 @@ DEFAULT_BASELINES: tuple[str, ...] = tuple(n for n, b in BASELINES.items() if b.
 
 
 def _learned(lr, aux, num_steps):
-  del lr
   lopt, meta_params = aux
-  return learned_opt.to_optax(lopt, meta_params, num_steps=num_steps)
+  if not learned_opt.takes_learning_rate(lopt):
+    return learned_opt.to_optax(lopt, meta_params, num_steps=num_steps)
+  # adamw_cosine's schedule, weight decay and mask around the learned direction.
+  return optax.chain(
+      learned_opt.scale_by_learned_direction(lopt, meta_params, num_steps=num_steps),
+      optax.add_decayed_weights(scheduled.ADAMW_WEIGHT_DECAY, adam_muon.decay_mask),
+      optax.scale_by_learning_rate(baselines.warmup_cosine(lr, num_steps)))
 
 
 def _saferate_learned(lr, aux, num_steps):
-  return safeguard(_learned(lr, aux, num_steps))
+  del lr
+  lopt, meta_params = aux
+  if not learned_opt.takes_learning_rate(lopt):
+    return safeguard(learned_opt.to_optax(lopt, meta_params, num_steps=num_steps))
+  # SafeRate chooses the step along the unit direction: the rate is its job, so 1 here.
+  return safeguard(learned_opt.to_optax(lopt, meta_params, num_steps=num_steps,
+                                        learning_rate=1.0))
 
 
 def _load_learned(name: str):
@@ -225,4 +247,9 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
                      "learned", sha)
   label, lopt, meta_params, sha = _load_learned(name)
+  if learned_opt.takes_learning_rate(lopt):
+    # The fingerprint names the protocol too: results of the same weights run another
+    # way (as is, before this existed) are not reused.
+    return Candidate(label, _learned, tuple(lr_grid), (lopt, meta_params), "learned",
+                     f"{sha}:{LEARNED_LR_PROTOCOL}")
   return Candidate(label, _learned, (), (lopt, meta_params), "learned", sha)
