@@ -62,7 +62,7 @@ setup(
         "tfds": _TFDS,
         "plot": _PLOT,
         "all": _RAY + _TFDS + _PLOT,
-        "dev": _RAY + _TFDS + _PLOT + ["pytest>=8"],
+        "dev": _RAY + _TFDS + _PLOT + ["pytest>=8", "pytest-xdist>=3.5"],
     },
     entry_points={"console_scripts": ["lopt=learned_opt.meta_train.cli:main"]},
 )

@@ -41,6 +41,20 @@ def text_builder(name: str) -> Callable[[str | None], datasets.TextData]:
 
 _SYN_IMG, _SYN_TXT = image_builder("synthetic"), text_builder("synthetic")
 
+
+def _mnist8x8(data_dir):
+  return datasets.downsample(datasets.image_dataset("mnist", data_dir), 8)
+
+
+def _synthetic8x8(class_separation):
+  return lambda data_dir: datasets.synthetic_images(image_shape=(8, 8, 1),
+                                                    class_separation=class_separation)
+
+
+# Celo2's meta-training MLPs: 64-32-10 on 8x8 images (2,410 parameters, the reference
+# size of the scale suite); widths sampled in 16-32 as task augmentation.
+_TINY_MLP = dict(width_range=(16, 32), max_depth=1)
+
 META_TRAIN_FAMILIES: dict[str, FamilySpec] = {s.name: s for s in [
     FamilySpec("quadratic", lambda d: QuadraticFamily(dim=32), "offline",
                "32-d noisy quadratics, condition number 1..1e3"),
@@ -48,6 +62,10 @@ META_TRAIN_FAMILIES: dict[str, FamilySpec] = {s.name: s for s in [
                "logistic regression on synthetic 16x16 images"),
     FamilySpec("mlp_synthetic", lambda d: MLPImageFamily(_SYN_IMG(d)), "offline",
                "MLP (width 32-128, depth 1-3, 4 activations) on synthetic images"),
+    FamilySpec("mlp_synthetic8x8", lambda d: MLPImageFamily(_synthetic8x8(0.8)(d), **_TINY_MLP),
+               "offline", "MLP 64-(16..32)-10 on synthetic 8x8 images"),
+    FamilySpec("mlp_synthetic8x8_hard", lambda d: MLPImageFamily(_synthetic8x8(0.5)(d), **_TINY_MLP),
+               "offline", "MLP 64-(16..32)-10 on synthetic 8x8 images, classes closer together"),
     FamilySpec("conv_synthetic", lambda d: ConvNetFamily(_SYN_IMG(d)), "offline",
                "3-layer conv net on synthetic images"),
     FamilySpec("lstm_synthetic", lambda d: CharLSTMFamily(_SYN_TXT(d)), "offline",
@@ -58,6 +76,8 @@ META_TRAIN_FAMILIES: dict[str, FamilySpec] = {s.name: s for s in [
 
 REAL_DATA_FAMILIES: dict[str, FamilySpec] = {s.name: s for s in [
     FamilySpec("mlp_mnist", lambda d: MLPImageFamily(image_builder("mnist")(d)), "mnist", "MLP on MNIST"),
+    FamilySpec("mlp_mnist8x8", lambda d: MLPImageFamily(_mnist8x8(d), **_TINY_MLP), "mnist",
+               "MLP 64-(16..32)-10 on MNIST downsampled to 8x8 (Celo2's task)"),
     FamilySpec("logreg_mnist", lambda d: LogisticRegressionFamily(image_builder("mnist")(d)), "mnist",
                "logistic regression on MNIST"),
     FamilySpec("conv_mnist", lambda d: ConvNetFamily(image_builder("mnist")(d)), "mnist", "conv net on MNIST"),

@@ -68,6 +68,7 @@ def test_log_lr_follows_the_cosine_of_gradient_and_previous_momentum():
   assert np.all(expected > 0.1)   # small steps on a smooth loss: gradients keep aligning
 
 
+@pytest.mark.slow
 def test_oscillation_shrinks_the_rate_within_its_bound():
   # lr 1 on 0.5 x^2 from x = 1e-3: every Adam step overshoots, the gradient flips sign.
   # Adam's momentum turns slower than the gradient, so the cosine alternates in sign
@@ -144,6 +145,7 @@ def test_untrained_hierarchical_is_adam_hd_and_does_not_recompile():
   assert update._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_hierarchical_adam_hd_checkpoint_round_trip(tmp_path):
   lopt = _hd_lopt(hypergradient_rate=0.02, hypergradient_max_log_lr=4.0)
   theta = lopt.init_meta_params(jax.random.key(0))
@@ -154,6 +156,7 @@ def test_hierarchical_adam_hd_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_hierarchical_adam_hd_step_stays_within_the_rate_bound():
   lopt = _hd_lopt(nominal_max_log_scale=1.0, hypergradient_max_log_lr=2.0)
   theta = lopt.init_meta_params(jax.random.key(0))

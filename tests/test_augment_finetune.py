@@ -19,6 +19,7 @@ QUICK = ["lopt.name=learned_lr", "lopt.options={}", "task.families=[quadratic]",
          "outer.learning_rate=0.05", "run.checkpoint_every=2"]
 
 
+@pytest.mark.slow
 def test_param_scale_family_is_the_base_task_reparameterized():
   base = QuadraticFamily(dim=8, noise_range=(0.0, 0.0))
   fam = ParamScaleFamily(base, (0.1, 10.0))

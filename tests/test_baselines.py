@@ -49,6 +49,7 @@ def _flat_labels(params, labels):
   return dict(zip(paths, jax.tree.leaves(labels)))
 
 
+@pytest.mark.slow
 def test_muon_equals_optax_contrib_muon_with_the_same_partition():
   params, loss = _mlp_problem()
   # Written out by hand: hidden kernels -> Muon; head, biases, LayerNorm -> Adam.
@@ -117,6 +118,7 @@ def _singular_values(x):
   return np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
 
 
+@pytest.mark.slow
 def test_conv_and_attention_updates_are_orthogonalized_as_matrices():
   # One Muon step from zero momentum on a random gradient: the update of a hidden kernel,
   # seen as the [fan_in, fan_out] matrix its dimension numbers define, has singular values
@@ -224,6 +226,7 @@ def _plain_model():
   return params, loss
 
 
+@pytest.mark.slow
 def test_plain_dict_embedding_and_head_go_to_muon_with_a_warning():
   """The rule reads flax names; a plain dict's `emb` and `w_out` (first and last leaves)
   go to Muon. Before: silently. Now: one warning naming both, per factory call with

@@ -216,6 +216,7 @@ def test_custom_vjp_is_inlined_and_one_hot_eq_is_constant():
   assert np.isfinite(float(custom.remainder.hi)) and float(custom.remainder.hi) > float(custom.remainder.lo)
 
 
+@pytest.mark.slow
 def test_gelu_and_silu_chains_get_one_sharp_rule():
   from learned_opt.bounds import fusion
   for fn, rule, n in ((jax.nn.gelu, ew.GELU, 8), (jax.nn.silu, ew.SILU, 2)):
@@ -335,6 +336,7 @@ def _random_direction(params, seed, scale=0.3):
                          for k, x in zip(keys, leaves)])
 
 
+@pytest.mark.slow
 def test_mlp_every_activation_through_a_traced_switch():
   params, loss = _model_case("mlp", 0)
   params = _f64(params)

@@ -75,6 +75,7 @@ def test_unknown_names_give_clear_errors():
     datasets.image_dataset("imagenet")
 
 
+@pytest.mark.slow
 def test_tfds_images_through_data_source(tmp_path):
   with tfds.testing.mock_data(num_examples=24):
     data = datasets.load_tfds_images("cifar10", data_dir=str(tmp_path))

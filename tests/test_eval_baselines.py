@@ -101,6 +101,7 @@ def test_schedule_free_is_evaluated_at_its_averaged_iterate():
   assert float(with_eval[0, 0]) != float(at_y[0, 0])
 
 
+@pytest.mark.slow
 def test_tune_seeds_picks_on_the_first_seeds_and_runs_the_choice_on_the_rest():
   task = tasks.QuadraticFamily(dim=4).task()
   keys = evaluation.seed_keys(3)
@@ -120,6 +121,7 @@ def _suite(steps=15, dim=4, name="quad"):
   return SuiteTask(name, lambda d: tasks.QuadraticFamily(dim=dim), steps, "offline", "q")
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_by_definitions_grid_and_seeds(tmp_path):
   store = cache_lib.ResultCache(str(tmp_path))
   cands = [candidates.resolve("adam", lr_grid=(1e-2, 1e-1)), candidates.resolve("prodigy")]

@@ -27,6 +27,7 @@ def _problem(steps=3):
   return params, grads
 
 
+@pytest.mark.slow
 def test_shapes_names_and_per_tensor_normalization():
   spec = F.FeatureSpec(ALL)
   params, grads = _problem()
@@ -117,6 +118,7 @@ def test_bad_feature_selection_is_named():
     F.FeatureSpec("grad")
 
 
+@pytest.mark.slow
 def test_saferate_channel_carries_the_certified_step():
   from learned_opt.baselines import saferate_step
   spec = F.FeatureSpec(("adam", "saferate"), momentum_decays=(0.9,))

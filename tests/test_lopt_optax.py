@@ -14,6 +14,7 @@ def _quadratic(params):
   return sum(jnp.sum(jnp.square(jnp.asarray(p, jnp.float32) - 1.0)) for p in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_chain_with_clipping_and_weight_decay_no_recompile():
   lopt = lo.PerParamMLP(features=("grad", "momentum", "loss", "train_frac"))
   theta = lopt.init_meta_params(jax.random.key(0))
@@ -100,6 +101,7 @@ def test_key_defaults_are_reproducible_and_errors_are_clear():
     lo.to_optax(needs_horizon, needs_horizon.init_meta_params(jax.random.key(0)), num_steps=0).init(params)
 
 
+@pytest.mark.slow
 def test_saferate_feature_gets_value_fn_through_chain():
   lopt = lo.HierarchicalLOpt(features=("grad", "adam", "saferate"))
   tx = optax.chain(optax.clip_by_global_norm(10.0),

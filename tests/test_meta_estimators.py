@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from learned_opt.meta_train.inner import unroll
 from learned_opt.meta_train.estimators.pes import PES
@@ -44,6 +45,7 @@ def _rel_err(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_es_matches_backprop_and_pes_removes_the_truncation_bias():
   """ES against backprop, then four 10-step truncations against one 40-step unroll.
 

@@ -54,6 +54,7 @@ def test_blown_up_tasks_do_not_poison_the_estimate(cls):
   assert finite.mean() > 0.5
 
 
+@pytest.mark.slow
 def test_split_pool_gives_the_same_estimate():
   """Two workers with half the pool each (same key) reproduce the whole pool's estimate."""
   est = _est(PES)

@@ -103,6 +103,7 @@ def _prodigy_lopt(**kw):
                           features=("grad", "momentum", "adam", "loss"), **kw)
 
 
+@pytest.mark.slow
 def test_zero_output_layer_is_exactly_prodigy():
   lopt = _prodigy_lopt()
   theta = _zero_outputs(lopt, lopt.init_meta_params(jax.random.key(0)))

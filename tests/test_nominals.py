@@ -108,6 +108,7 @@ def test_a_user_defined_nominal_untrained_is_its_rule(lopt):
   _assert_close(ours, _run(optax.sgd(0.02), params), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_stateful_user_nominal_reads_the_lstm_and_its_head_output():
   lopt = HierarchicalLOpt(tensor_hidden=8, nominal=HeavyBallNominal(decay=0.9),
                           step_mult=0.01, features=_FEATURES)

@@ -55,6 +55,7 @@ def _perturbed_theta(lopt, scale=0.3):
                       theta)
 
 
+@pytest.mark.slow
 def test_direction_has_unit_rms_per_tensor_and_update_is_its_negative():
   params, grads = _tree()
   theta = _perturbed_theta(XLA)
@@ -70,6 +71,7 @@ def test_direction_has_unit_rms_per_tensor_and_update_is_its_negative():
   assert all(x.dtype == jnp.bfloat16 and abs(_rms(x) - 1.0) < 1e-2 for x in jax.tree.leaves(d16))
 
 
+@pytest.mark.slow
 def test_untrained_update_is_finite_descent_on_a_quadratic():
   params, _ = _tree(1)
   curv = jax.tree.map(lambda p: jnp.linspace(0.1, 10.0, p.size).reshape(p.shape), params)
@@ -87,6 +89,7 @@ def test_untrained_update_is_finite_descent_on_a_quadratic():
     params = optax.apply_updates(params, jax.tree.map(lambda u: 1e-2 * u, updates))
 
 
+@pytest.mark.slow
 def test_chain_with_weight_decay_and_schedule_is_the_hand_computation():
   params, grads = _tree(2)
   theta = _perturbed_theta(XLA)
@@ -104,6 +107,7 @@ def test_chain_with_weight_decay_and_schedule_is_the_hand_computation():
     grads = jax.tree.map(lambda g: 0.5 * g - 0.1, grads)
 
 
+@pytest.mark.slow
 def test_harness_orthogonalizes_hidden_matrices_and_runs_adamw_elsewhere():
   params, grads = _tree(3)
   # The untrained direction (full rank): Newton-Schulz leaves a near-zero singular value
@@ -164,6 +168,7 @@ def test_checkpoint_round_trip(tmp_path):
   assert hash(loaded) == hash(lopt) and loaded.feature_names() == lopt.feature_names()
 
 
+@pytest.mark.slow
 def test_fused_interpret_matches_xla():
   # A matrix whose size (37 * 21) leaves a masked tail block, a vector and a scalar.
   rng = np.random.default_rng(6)
@@ -187,6 +192,7 @@ def test_fused_interpret_matches_xla():
     assert float(jnp.max(jnp.abs(x - y))) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_to_optax_applies_the_learning_rate_and_fails_clearly():
   params, grads = _tree(7)
   theta = _perturbed_theta(XLA)
@@ -211,6 +217,7 @@ def test_to_optax_applies_the_learning_rate_and_fails_clearly():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, -sched(1) * b, rtol=1e-6), u, d)
 
 
+@pytest.mark.slow
 def test_meta_train_update_follows_the_warmup_cosine_schedule():
   for horizon in (7, 40, 101):
     sched = baselines.warmup_cosine(1.0, horizon)
@@ -256,6 +263,7 @@ def test_bad_settings_fail_clearly():
     lo.normalized_mlp(XLA, None, 0.1, weight_decay=-1)
 
 
+@pytest.mark.slow
 def test_candidates_tune_a_learning_rate_taking_optimizer(tmp_path):
   lo.save(tmp_path / "n.lopt", XLA, jax.jit(XLA.init_meta_params)(jax.random.key(0)))
   assert candidates.resolve(str(tmp_path / "n.lopt")).grid == candidates.DEFAULT_LR_GRID
@@ -270,6 +278,7 @@ def test_candidates_tune_a_learning_rate_taking_optimizer(tmp_path):
   assert safe.grid == () and safe.kind == "learned"
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_small_mlp_with_the_harness():
   family = tasks.get_family("mlp_synthetic")
   task = family.task({**family.default_cfg(), "width": jnp.int32(32)})

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import learned_opt as lo
 from learned_opt.meta_train.estimators.pes import PES
@@ -9,6 +10,7 @@ from learned_opt.meta_train.estimators.truncation import ConstantTruncation
 from learned_opt.tasks import QuadraticFamily
 
 
+@pytest.mark.slow
 def test_vmap_and_map_layouts_give_the_same_estimate():
   family = QuadraticFamily(dim=4)
   lopt = lo.HierarchicalLOpt()

@@ -132,6 +132,7 @@ def test_row_layout_round_trip_and_combination():
     RowLayout({"n": np.zeros(2, np.int32)})
 
 
+@pytest.mark.slow
 def test_bad_scheduler_settings_are_named(pool):
   est, opt, trainers, _ = pool
   for kw, msg in [({"quorum": 0.0}, r"quorum must be in \(0, 1\], got 0.0"),
@@ -155,6 +156,7 @@ def test_starting_ray_after_jax_gives_no_fork_warning(pool):
 
 
 # ---- determinism -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_one_and_two_workers_give_identical_meta_params(pool):
   est, opt, trainers, _ = pool
   finals = {}
@@ -277,6 +279,7 @@ def _killed_worker_run(tr, caplog):
   return learner, handle, hist
 
 
+@pytest.mark.slow
 def test_worker_restarted_between_graph_steps_resumes_exactly(trainers, caplog):
   tr = trainers[2]
   tr.prefetch = False
@@ -358,6 +361,7 @@ def test_prefetched_step_is_undone_for_another_learner(trainers):
   assert tr.scheduler.prefetched is None and _equal(straight.meta_params, again.meta_params)
 
 
+@pytest.mark.slow
 def test_foreign_handle_reinitializes_pools(trainers, caplog):
   tr = trainers[1]
   learner, handle, _ = _run(tr, 1)

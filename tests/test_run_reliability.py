@@ -137,6 +137,9 @@ def test_ctrl_c_leaves_metrics_and_checkpoint_at_the_same_step(tmp_path, whole, 
   stops at once; either way the metrics and the checkpoint both end at step 3."""
   real_device_get = jax.device_get
   calls = {"n": 0}
+  # What the run must restore: Python's default, or SIG_IGN when pytest itself was
+  # started in the background by a non-interactive shell.
+  handler_before = signal.getsignal(signal.SIGINT)
 
   def device_get(x):
     if isinstance(x, dict) and "meta_loss" in x:
@@ -153,7 +156,7 @@ def test_ctrl_c_leaves_metrics_and_checkpoint_at_the_same_step(tmp_path, whole, 
     run_meta_training(cfg, run_dir, progress=False)
   monkeypatch.setattr(jax, "device_get", real_device_get)
   assert _steps(run_dir) == [1, 2, 3] and _ckpt_steps(run_dir)[-1] == 3
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+  assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
   _resume_matches(cfg, run_dir, whole)
 
 
@@ -231,6 +234,7 @@ def test_real_sigint_to_the_command(tmp_path):
 
 
 # ---- runs that make no progress -----------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # sigma in float32
 def test_a_run_whose_every_step_is_skipped_fails_without_export(tmp_path, capsys):
   out = str(tmp_path / "run")

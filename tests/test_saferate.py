@@ -140,6 +140,7 @@ def test_non_finite_loss_at_the_start_warns_once_per_transform():
                                          for _ in range(2)])) == 1
 
 
+@pytest.mark.slow
 def test_finite_loss_with_a_non_finite_bound_does_not_warn():
   """The trust region crossing a pole (log at 0) is SafeRate's normal business."""
   tx = saferate(optax.identity(), init_max_lr=1.0)
@@ -191,6 +192,7 @@ def test_saferate_adam_full_batch_never_increases_and_compiles_once():
   assert float(state.info.step_size) > 0 and bool(state.info.finite)
 
 
+@pytest.mark.slow
 def test_inside_optax_chain_and_in_float32():
   params, loss = _small_problem(1)
   tx = optax.chain(optax.clip_by_global_norm(10.0), saferate_adam(init_max_lr=0.1))
@@ -211,6 +213,7 @@ def test_saferate_muon_full_batch_never_increases():
   assert np.all(np.diff(losses) <= 0) and losses[-1] < 0.9 * losses[0]
 
 
+@pytest.mark.slow
 def test_saferate_step_is_a_jittable_feature():
   params, loss = _small_problem(3)
   grads = jax.grad(loss)(params)

@@ -11,7 +11,7 @@ from conftest import shared_data_dir
 
 ADAM_LR = {"quadratic": 0.05, "logreg": 1e-2, "mlp": 3e-3, "conv": 1e-2, "lstm": 1e-2, "transformer": 3e-3}
 OFFLINE = list(tasks.META_TRAIN_FAMILIES)
-ON_SHARED_DATA = ["mlp_mnist", "logreg_mnist", "conv_mnist", "lstm_tiny_shakespeare",
+ON_SHARED_DATA = ["mlp_mnist", "mlp_mnist8x8", "logreg_mnist", "conv_mnist", "lstm_tiny_shakespeare",
                   "transformer_tiny_shakespeare"]
 # Conv, LSTM and transformer families take 14-31 s each here: CI's second pass runs them.
 _SLOW = ("conv", "lstm", "transformer")
@@ -101,6 +101,7 @@ def test_normalizer_is_finite_and_bounded(loss, expected):
   assert float(tasks.normalize_loss(jnp.asarray(loss), jnp.asarray(2.0))) == expected
 
 
+@pytest.mark.slow
 def test_mlp_on_mnist_files_reaches_90_percent(data_dir):
   family = tasks.get_family("mlp_mnist", str(data_dir))
   task = family.task()
@@ -109,3 +110,30 @@ def test_mlp_on_mnist_files_reaches_90_percent(data_dir):
   assert test_set["image"].shape[0] == 2000
   accuracy = float(task.metrics(result.params, test_set)["accuracy"])
   assert accuracy >= 0.90, accuracy
+
+
+def test_downsample_keeps_uint8_constants_and_means_and_names_a_bad_size():
+  from learned_opt.tasks import datasets
+  data = datasets.synthetic_images(image_shape=(16, 16, 1), num_train=64, num_test=16)
+  small = datasets.downsample(data, 8)
+  assert small.image_shape == (8, 8, 1) and small.train_x.dtype == jnp.uint8
+  assert small.name == "synthetic_images_16x16x1_8x8"
+  np.testing.assert_array_equal(small.train_y, data.train_y)
+  # Averaging filters keep each image's mean brightness (up to rounding and edges).
+  np.testing.assert_allclose(np.asarray(small.train_x, np.float32).mean((1, 2, 3)),
+                             np.asarray(data.train_x, np.float32).mean((1, 2, 3)), atol=3.0)
+  flat = data.replace(train_x=jnp.full_like(data.train_x, 77), test_x=jnp.full_like(data.test_x, 77))
+  assert np.all(np.asarray(datasets.downsample(flat, 8).train_x) == 77)
+  with pytest.raises(ValueError, match=r"downsample size must be in \[1, 16\].*got 32"):
+    datasets.downsample(data, 32)
+
+
+def test_tiny_image_mlp_families_are_celo2_sized():
+  """64-32-10 at most (2,410 parameters, the scale suite's reference size)."""
+  from learned_opt.tasks import suites
+  family = tasks.get_family("mlp_synthetic8x8")
+  widest = {**family.default_cfg(), "width": jnp.asarray(32, jnp.int32)}
+  params = family.task(widest).init(jax.random.key(0))
+  assert sum(x.size for x in jax.tree.leaves(params)) == suites.SCALE_REFERENCE_PARAMS == 2410
+  hard = tasks.get_family("mlp_synthetic8x8_hard")
+  assert hard.data.name != family.data.name and hard.data.image_shape == (8, 8, 1)

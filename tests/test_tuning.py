@@ -114,6 +114,7 @@ def test_second_call_does_not_recompile():
   assert tuning.TRACE_COUNT[0] == before
 
 
+@pytest.mark.slow
 def test_tunes_muon_on_an_mlp():
   fam = tasks.get_family("mlp_synthetic").replace(batch_size_range=(16, 16), width_range=(32, 32),
                                                   max_depth=2)
