@@ -56,6 +56,9 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
   """
 
   name: ClassVar[str] = ""
+  # True for optimizers that output a direction and take their step size from the user
+  # (`direction(...)`, `to_optax(..., learning_rate=...)`); False: `update` is the step.
+  takes_learning_rate: ClassVar[bool] = False
 
   @abc.abstractmethod
   def init_meta_params(self, key: jax.Array) -> MetaParams:
@@ -70,6 +73,13 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
              loss: Optional[jax.Array] = None, key: Optional[jax.Array] = None,
              value_fn: Optional[Callable[[Params], jax.Array]] = None) -> tuple[Updates, OptState]:
     """One step: additive updates shaped (and typed) like `params`, and the new state."""
+
+  def with_learning_rate(self, meta_params: MetaParams, learning_rate, *, num_steps=None,
+                         seed: int = 0):
+    """None, or the optax transform that `to_optax(..., learning_rate=...)` returns for an
+    optimizer meta-trained inside a harness of its own (see `NormalizedMLP`)."""
+    del meta_params, learning_rate, num_steps, seed
+    return None
 
   def feature_names(self) -> tuple[str, ...]:
     """Names of the input features in the order the network reads them (for headers)."""

@@ -281,13 +281,15 @@ def pretrained_path(name: str):
   return entry
 
 
-def load_pretrained(name: str, *, num_steps: Optional[int] = None):
+def load_pretrained(name: str, *, num_steps: Optional[int] = None, learning_rate=None):
   """A shipped learned optimizer as an optax transform, ready for `optax.chain`.
 
   Args:
     name: one of `list_pretrained()`.
     num_steps: training horizon, needed only by optimizers with a training-fraction
       feature (see `to_optax`).
+    learning_rate: a float or an optax schedule, for the optimizers that take one
+      (`learned_opt.takes_learning_rate`); None for those that set their own step.
 
   Returns:
     `optax.GradientTransformationExtraArgs`. For the raw `(lopt, meta_params, info)` use
@@ -295,4 +297,4 @@ def load_pretrained(name: str, *, num_steps: Optional[int] = None):
   """
   with importlib.resources.as_file(pretrained_path(name)) as path:
     lopt, meta_params, _ = load(path)
-  return to_optax(lopt, meta_params, num_steps=num_steps)
+  return to_optax(lopt, meta_params, num_steps=num_steps, learning_rate=learning_rate)

@@ -39,7 +39,7 @@ ordinary weights: meta-training is free to change them.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,7 @@ from flax import struct
 
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
+from learned_opt import normalized_optax
 from learned_opt.base import LearnedOptimizer, cast_like, check_positive, sanitize
 from learned_opt.baselines.scheduled import WARMUP_FRACTION
 
@@ -72,6 +73,21 @@ class NormalizedMLPState(NamedTuple):
   @property
   def step(self):
     return self.features.step
+
+
+class HarnessedState(NamedTuple):
+  """State of `NormalizedMLP` meta-trained through its harness (`meta_train_harness`).
+
+  Attributes:
+    chain: the state of `learned_opt.normalized_mlp(...)`, the transform that runs.
+    lr: float32 [], this task's peak learning rate (as `NormalizedMLPState.lr`).
+    step: int32 [], updates so far.
+    num_steps: the horizon of the warmup-cosine schedule (inf: constant rate).
+  """
+  chain: Any
+  lr: jax.Array
+  step: jax.Array
+  num_steps: jax.Array
 
 
 def warmup_cosine_unit(step: jax.Array, horizon: jax.Array, *,
@@ -119,6 +135,11 @@ class NormalizedMLP(LearnedOptimizer):
     meta_train_weight_decay: decoupled weight decay `update` applies with
       `meta_train_lr` (times the scheduled rate, as `optax.add_decayed_weights`
       before `optax.scale_by_learning_rate` does at use).
+    meta_train_harness: with `meta_train_lr`, `update` runs the whole of
+      `learned_opt.normalized_mlp` (Newton-Schulz on hidden matrices, AdamW elsewhere,
+      weight decay `meta_train_weight_decay`) under the sampled schedule, so the
+      network is meta-trained where it will run; `to_optax(..., learning_rate=...)`
+      then returns that harness too. False: the bare rule on every leaf.
   """
 
   name: ClassVar[str] = "normalized_mlp"
@@ -135,6 +156,7 @@ class NormalizedMLP(LearnedOptimizer):
   meta_train_lr: Optional[float] = struct.field(pytree_node=False, default=None)
   meta_train_lr_max: Optional[float] = struct.field(pytree_node=False, default=None)
   meta_train_weight_decay: float = struct.field(pytree_node=False, default=0.0)
+  meta_train_harness: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.fused not in fused_lib.MODES:
@@ -160,6 +182,11 @@ class NormalizedMLP(LearnedOptimizer):
                          f"be set), got meta_train_lr_max={self.meta_train_lr_max!r}, "
                          f"meta_train_lr={self.meta_train_lr!r}")
     check_positive("meta_train_weight_decay", self.meta_train_weight_decay, allow_zero=True)
+    if not isinstance(self.meta_train_harness, bool):
+      raise ValueError(f"meta_train_harness must be True or False, got {self.meta_train_harness!r}")
+    if self.meta_train_harness and self.meta_train_lr is None:
+      raise ValueError("meta_train_harness=True needs meta_train_lr (the harness's AdamW part "
+                       "takes a learning rate); got meta_train_lr=None")
     self.seed_channel  # validates the feature selection and the seed now
 
   @property
@@ -217,9 +244,49 @@ class NormalizedMLP(LearnedOptimizer):
     return jax.tree.map(lambda x: x.astype(jnp.float32), theta)
 
   def init(self, meta_params, params, *, num_steps=None):
-    del meta_params
     lr = jnp.asarray(self.meta_train_lr or 0.0, jnp.float32)
-    return NormalizedMLPState(feats.init_state(self.spec, params, num_steps), lr)
+    fstate = feats.init_state(self.spec, params, num_steps)
+    if self.meta_train_harness:
+      chain = self._harness(meta_params, lambda count: lr, num_steps).init(params)
+      return HarnessedState(chain, lr, jnp.zeros((), jnp.int32), fstate.num_steps)
+    return NormalizedMLPState(fstate, lr)
+
+  def at_use(self) -> "NormalizedMLP":
+    """This architecture without its meta-training settings (what runs at use)."""
+    return self.replace(meta_train_lr=None, meta_train_lr_max=None, meta_train_weight_decay=0.0,
+                        meta_train_harness=False)
+
+  def with_learning_rate(self, meta_params, learning_rate, *, num_steps=None, seed=0):
+    """The optax transform `to_optax(..., learning_rate=...)` returns: the harness of
+    `learned_opt.normalized_mlp` (weight decay `meta_train_weight_decay`) when the
+    network was meta-trained inside it, else None (the bare direction and rate)."""
+    if not self.meta_train_harness:
+      return None
+    return normalized_optax.normalized_mlp(self.at_use(), meta_params, learning_rate,
+                                           weight_decay=self.meta_train_weight_decay,
+                                           num_steps=num_steps, seed=seed)
+
+  def _harness(self, meta_params, schedule, num_steps):
+    return normalized_optax.normalized_mlp(self.at_use(), meta_params, schedule,
+                                           weight_decay=self.meta_train_weight_decay,
+                                           num_steps=num_steps)
+
+  def _draw_peak(self, step, current, key):
+    """The task's peak rate: drawn log-uniformly at its first update (with
+    `meta_train_lr_max`), kept after."""
+    if self.meta_train_lr_max is None:
+      return current
+    lo, hi = math.log(self.meta_train_lr), math.log(self.meta_train_lr_max)
+    drawn = (jnp.exp(jax.random.uniform(key, (), minval=lo, maxval=hi)) if key is not None
+             else jnp.float32(math.exp(0.5 * (lo + hi))))
+    return jnp.where(step == 0, drawn, current)
+
+  def _harness_update(self, meta_params, grads, state, params, *, loss, key):
+    peak = self._draw_peak(state.step, state.lr, key)
+    schedule = lambda count: peak * warmup_cosine_unit(count, state.num_steps)
+    updates, chain = self._harness(meta_params, schedule, state.num_steps).update(
+        grads, state.chain, params, loss=loss, key=key)
+    return cast_like(updates, params), HarnessedState(chain, peak, state.step + 1, state.num_steps)
 
   def direction(self, meta_params, grads, state, params, *, loss=None, key=None,
                 value_fn=None):
@@ -234,15 +301,12 @@ class NormalizedMLP(LearnedOptimizer):
     `meta_train_lr`, the meta-training schedule's step with it. `key` draws the task's
     peak rate at its first update (with `meta_train_lr_max`)."""
     del value_fn
+    if self.meta_train_harness:
+      return self._harness_update(meta_params, grads, state, params, loss=loss, key=key)
     d, fstate = self._unit_outputs(meta_params, grads, state.features, params, loss=loss)
     if self.meta_train_lr is None:
       return cast_like(jax.tree.map(jnp.negative, d), params), NormalizedMLPState(fstate, state.lr)
-    peak = state.lr
-    if self.meta_train_lr_max is not None:
-      lo, hi = math.log(self.meta_train_lr), math.log(self.meta_train_lr_max)
-      drawn = (jnp.exp(jax.random.uniform(key, (), minval=lo, maxval=hi)) if key is not None
-               else jnp.float32(math.exp(0.5 * (lo + hi))))
-      peak = jnp.where(state.features.step == 0, drawn, state.lr)
+    peak = self._draw_peak(state.features.step, state.lr, key)
     lr = peak * warmup_cosine_unit(state.features.step, state.features.num_steps)
     wd = self.meta_train_weight_decay
     updates = jax.tree.map(

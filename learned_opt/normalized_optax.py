@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from learned_opt.base import check_positive
+from learned_opt.base import LearnedOptimizer, check_positive
 from learned_opt.baselines.adam_muon import MUON, decay_mask, muon_dimension_numbers
 from learned_opt.baselines.scheduled import ADAMW_WEIGHT_DECAY
 from learned_opt.features import NS_COEFFS, NS_STEPS
-from learned_opt.normalized import NormalizedMLP
 from learned_opt.optax_adapter import scale_by_learned_direction
+
+# `NormalizedMLP` (learned_opt.normalized) is not imported here: its meta-training runs
+# this module's harness, so it imports this module; the factories check `lopt.name`.
 
 try:  # optax exposes these only from its contrib/_muon module (no public alias in 0.2.x).
   from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
@@ -39,7 +41,7 @@ LEARNED, ADAMW = "learned", "adamw"
 _is_dims = lambda x: isinstance(x, MuonDimensionNumbers)
 
 
-def scale_by_normalized_mlp(lopt: NormalizedMLP, meta_params, *, num_steps: Optional[int] = None,
+def scale_by_normalized_mlp(lopt: LearnedOptimizer, meta_params, *, num_steps: Optional[int] = None,
                             seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """The learned direction `d` of `NormalizedMLP`: per tensor RMS 1, signed like the
   gradient, so `optax.scale_by_learning_rate(lr)` after it applies `-lr * d` (the
@@ -54,7 +56,7 @@ def scale_by_normalized_mlp(lopt: NormalizedMLP, meta_params, *, num_steps: Opti
   Returns:
     An `optax.GradientTransformationExtraArgs` (forwards `loss` and `key`).
   """
-  if not isinstance(lopt, NormalizedMLP):
+  if getattr(lopt, "name", None) != "normalized_mlp":
     raise TypeError(f"scale_by_normalized_mlp expects a NormalizedMLP, got {type(lopt).__name__}")
   return scale_by_learned_direction(lopt, meta_params, num_steps=num_steps, seed=seed)
 
@@ -90,7 +92,7 @@ def partition_labels(label_fn: Optional[Callable[[Params], Params]] = None
   return labels
 
 
-def normalized_mlp(lopt: NormalizedMLP, meta_params, learning_rate: optax.ScalarOrSchedule, *,
+def normalized_mlp(lopt: LearnedOptimizer, meta_params, learning_rate: optax.ScalarOrSchedule, *,
                    weight_decay: float = ADAMW_WEIGHT_DECAY,
                    weight_decay_mask: Optional[Callable[[Params], Params]] = decay_mask,
                    harness: bool = True, num_steps: Optional[int] = None, seed: int = 0,

@@ -26,7 +26,7 @@ class LOptOptaxState(NamedTuple):
 def takes_learning_rate(lopt_or_cls) -> bool:
   """Whether a learned optimizer (or its class) takes its step size from the user."""
   cls = lopt_or_cls if isinstance(lopt_or_cls, type) else type(lopt_or_cls)
-  return getattr(cls, "takes_learning_rate", False) is True
+  return cls.takes_learning_rate is True if issubclass(cls, LearnedOptimizer) else False
 
 
 def _transform(lopt: LearnedOptimizer, meta_params, step: Callable, *, num_steps, seed
@@ -137,6 +137,9 @@ def to_optax(lopt: LearnedOptimizer, meta_params, *, num_steps: Optional[int] = 
   if isinstance(learning_rate, bool) or (isinstance(learning_rate, (int, float))
                                          and not learning_rate > 0):
     raise ValueError(f"learning_rate must be a number > 0 or a schedule, got {learning_rate!r}")
+  own = lopt.with_learning_rate(meta_params, learning_rate, num_steps=num_steps, seed=seed)
+  if own is not None:  # the optimizer runs inside a harness it was meta-trained in
+    return own
   return optax.chain(scale_by_learned_direction(lopt, meta_params, num_steps=num_steps,
                                                 seed=seed),
                      optax.scale_by_learning_rate(learning_rate))

@@ -294,5 +294,50 @@ def test_shipped_config_builds():
   cfg = config_lib.load_config(str(CONFIGS / "pretrain_normalized.yaml"))
   lopt = config_lib.build_lopt(cfg.lopt)
   assert isinstance(lopt, lo.NormalizedMLP) and lo.takes_learning_rate(lopt)
-  assert lopt.hidden_sizes == (8, 8) and lopt.meta_train_lr == 1e-3
+  assert lopt.hidden_sizes == (8, 8) and lopt.meta_train_lr == 1e-3 and lopt.meta_train_harness
   assert cfg.task.param_scale_range == (0.5, 2.0)
+  assert cfg.task.families == ("mlp_mnist8x8", "mlp_synthetic8x8", "mlp_synthetic8x8_hard")
+
+
+def test_meta_training_through_the_harness_runs_normalized_mlp_under_the_schedule():
+  """With `meta_train_harness`, `update` is `normalized_mlp` (Newton-Schulz on hidden
+  matrices, AdamW elsewhere) at lr = peak * warmup-cosine, the task's peak drawn once;
+  `to_optax(..., learning_rate=...)` of that optimizer returns the same harness."""
+  params, grads = _tree(5)
+  lopt = lo.NormalizedMLP(fused="xla", meta_train_lr=1e-3, meta_train_lr_max=1e-2,
+                          meta_train_weight_decay=0.1, meta_train_harness=True)
+  theta = _perturbed_theta(lopt)
+  state = lopt.init(theta, params, num_steps=20)
+  assert isinstance(state, normalized.HarnessedState)
+  traces = []
+
+  @jax.jit
+  def update(state, key):
+    traces.append(1)
+    return lopt.update(theta, grads, state, params, key=key)
+
+  updates, state = update(state, jax.random.key(11))
+  peak = float(state.lr)
+  assert 1e-3 <= peak <= 1e-2
+  # The reference: optax's warmup-cosine at the drawn peak, through the public recipe.
+  tx = lo.normalized_mlp(lopt.at_use(), theta, baselines.warmup_cosine(peak, 20), weight_decay=0.1)
+  assert tx is not None and lo.to_optax(lopt, theta, learning_rate=0.1) is not None
+  ref_state = tx.init(params)
+  for t in range(4):
+    ref, ref_state = tx.update(grads, ref_state, params)
+    if t:
+      updates, state = update(state, jax.random.key(11 + t))
+    jax.tree.map(lambda u, r: np.testing.assert_allclose(u, r, rtol=2e-5, atol=1e-9), updates, ref)
+    assert float(state.lr) == peak and int(state.step) == t + 1
+  assert len(traces) == 1  # the second call reuses the compilation
+  # The head and biases took AdamW steps, the hidden kernels orthogonalized ones.
+  labels = normalized_optax.partition_labels()(params)
+  assert labels["Dense_2"]["kernel"] == "adamw" and labels["Dense_1"]["kernel"] == "learned"
+  # At use the shipped transform is the harness at the user's rate.
+  use = lo.to_optax(lopt, theta, learning_rate=3e-3)
+  same = lo.normalized_mlp(lopt.at_use(), theta, 3e-3, weight_decay=0.1)
+  u1, _ = use.update(grads, use.init(params), params)
+  u2, _ = same.update(grads, same.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+  with pytest.raises(ValueError, match="meta_train_harness=True needs meta_train_lr"):
+    lo.NormalizedMLP(meta_train_harness=True)
