@@ -74,6 +74,10 @@ class LearnedOptimizer(struct.PyTreeNode, abc.ABC):
              value_fn: Optional[Callable[[Params], jax.Array]] = None) -> tuple[Updates, OptState]:
     """One step: additive updates shaped (and typed) like `params`, and the new state."""
 
+  def at_use(self) -> "LearnedOptimizer":
+    """This optimizer without settings that only meta-training reads (itself here)."""
+    return self
+
   def with_learning_rate(self, meta_params: MetaParams, learning_rate, *, num_steps=None,
                          seed: int = 0):
     """None, or the optax transform that `to_optax(..., learning_rate=...)` returns for an

@@ -80,6 +80,7 @@ def scale_by_learned_direction(lopt: LearnedOptimizer, meta_params, *,
     raise ValueError(f"{type(lopt).__name__} sets its own step size (it does not take a "
                      "learning rate), so it has no direction to scale; use "
                      "learned_opt.to_optax(lopt, meta_params) without learning_rate")
+  lopt = lopt.at_use()  # e.g. a NormalizedMLP's direction, outside its meta-training harness
   return _transform(lopt, meta_params, lopt.direction, num_steps=num_steps, seed=seed)
 
 

@@ -341,3 +341,26 @@ def test_meta_training_through_the_harness_runs_normalized_mlp_under_the_schedul
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
   with pytest.raises(ValueError, match="meta_train_harness=True needs meta_train_lr"):
     lo.NormalizedMLP(meta_train_harness=True)
+
+
+def test_evaluation_runs_a_harness_trained_optimizer_inside_its_harness(tmp_path):
+  params, grads = _tree(6)
+  lopt = lo.NormalizedMLP(fused="xla", meta_train_lr=1e-3, meta_train_weight_decay=0.01,
+                          meta_train_harness=True)
+  theta = _perturbed_theta(lopt)
+  lo.save(tmp_path / "h.lopt", lopt, theta)
+  cand = candidates.resolve(str(tmp_path / "h.lopt"), lr_grid=(1e-3, 1e-2))
+  tx = cand.make(1e-2, cand.aux, 40)
+  ref = lo.normalized_mlp(lopt.at_use(), theta, baselines.warmup_cosine(1e-2, 40),
+                          weight_decay=0.01)
+  s1, s2 = tx.init(params), ref.init(params)
+  for _ in range(3):  # past step 0, where the warmup's rate is 0
+    (u1, s1), (u2, s2) = tx.update(grads, s1, params), ref.update(grads, s2, params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+  assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(u1)) > 0
+  # saferate+ scales the bare unit direction (no harness, no schedule).
+  safe = candidates.resolve("saferate+" + str(tmp_path / "h.lopt"))
+  st = safe.make(None, safe.aux, 40)
+  value_fn = lambda p: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p))
+  u, _ = st.update(grads, st.init(params), params, value_fn=value_fn)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))

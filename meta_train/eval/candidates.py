@@ -16,9 +16,11 @@ A learned optimizer whose class takes a learning rate (`takes_learning_rate`, e.
 `NormalizedMLP`: it outputs a unit-RMS direction) is run as `adamw_cosine` is: its peak
 rate tuned over the same grid, under the same warmup-cosine schedule
 (`baselines.warmup_cosine`) and the same decoupled weight decay and mask, kind "learned"
-with the chosen `lr` recorded. It runs bare (the learned direction on every leaf, as
-meta-training trains it), not with `normalized_mlp`'s Newton-Schulz / AdamW harness.
-Under `saferate+` such an optimizer's unit direction is what SafeRate scales.
+with the chosen `lr` recorded. One meta-trained inside a harness of its own
+(`NormalizedMLP(meta_train_harness=True)`) runs inside it (`with_learning_rate`), under
+that schedule and its meta-training weight decay; others run bare (the learned direction
+on every leaf). Under `saferate+` such an optimizer's unit direction is what SafeRate
+scales.
 """
 from __future__ import annotations
 
@@ -190,11 +192,15 @@ def _learned(lr, aux, num_steps):
   lopt, meta_params = aux
   if not learned_opt.takes_learning_rate(lopt):
     return learned_opt.to_optax(lopt, meta_params, num_steps=num_steps)
+  schedule = baselines.warmup_cosine(lr, num_steps)
+  own = lopt.with_learning_rate(meta_params, schedule, num_steps=num_steps)
+  if own is not None:  # meta-trained inside a harness of its own: evaluated inside it
+    return own
   # adamw_cosine's schedule, weight decay and mask around the learned direction.
   return optax.chain(
       learned_opt.scale_by_learned_direction(lopt, meta_params, num_steps=num_steps),
       optax.add_decayed_weights(scheduled.ADAMW_WEIGHT_DECAY, adam_muon.decay_mask),
-      optax.scale_by_learning_rate(baselines.warmup_cosine(lr, num_steps)))
+      optax.scale_by_learning_rate(schedule))
 
 
 def _saferate_learned(lr, aux, num_steps):
@@ -202,9 +208,11 @@ def _saferate_learned(lr, aux, num_steps):
   lopt, meta_params = aux
   if not learned_opt.takes_learning_rate(lopt):
     return safeguard(learned_opt.to_optax(lopt, meta_params, num_steps=num_steps))
-  # SafeRate chooses the step along the unit direction: the rate is its job, so 1 here.
-  return safeguard(learned_opt.to_optax(lopt, meta_params, num_steps=num_steps,
-                                        learning_rate=1.0))
+  # SafeRate chooses the step along the unit direction (outside any harness): the rate
+  # is its job, so 1 here.
+  return safeguard(optax.chain(
+      learned_opt.scale_by_learned_direction(lopt, meta_params, num_steps=num_steps),
+      optax.scale_by_learning_rate(1.0)))
 
 
 def _load_learned(name: str):
