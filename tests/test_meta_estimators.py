@@ -90,3 +90,17 @@ def test_log_uniform_truncation_range():
   assert 25 < float(jnp.median(h)) < 40  # log-uniform: median near sqrt(10 * 100)
   first = jax.vmap(lambda k: sched.first_horizon(k, 10))(jax.random.split(jax.random.key(1), 2000))
   assert int(first.min()) == 10 and float(jnp.mean(first)) < float(jnp.mean(h))
+
+
+def test_estimators_of_equal_settings_never_share_a_compilation():
+  """JAX compares the treedefs of PES and TruncatedES built with equal settings as
+  equal; the estimator's class is part of the compiled functions' cache key, so each
+  class gets its own state type and estimate however the calls interleave."""
+  tes, pes = (cls(family=FAMILY, lopt=LOPT, schedule=ConstantTruncation(horizon=HORIZON),
+                  num_tasks=4, unroll_length=K, sigma=0.01) for cls in (TruncatedES, PES))
+  for _ in range(3):
+    for est in (tes, pes, tes):
+      state = est.init(jax.random.key(0), THETA)
+      assert type(state).__name__ == ("PESState" if est is pes else "TruncatedESState")
+      state, g = est.estimate(jax.random.key(1), THETA, state)
+      assert np.isfinite(float(g.meta_loss))

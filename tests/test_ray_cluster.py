@@ -84,7 +84,11 @@ def test_run_survives_a_removed_node_and_keeps_learning(cluster, tmp_path, caplo
     assert all(h["inexact"] == 0 for h in hist) and hist[5]["runs_replayed"] == 5
     assert sum(h["worker_failures"] for h in hist) == 1 and hist[5]["worker_failures"] == 1
     assert hist[5]["pool_inits"] == 1 and "lost during the compiled-graph step" in caplog.text
-    assert len([r for r in caplog.records if r.name == "lopt.ray"]) == 1   # one line per fault
+    # One line per fault; a loaded machine may add the scheduler's "waiting for workers"
+    # progress lines, which are not about the fault.
+    faults = [r for r in caplog.records
+              if r.name == "lopt.ray" and "waiting for workers" not in r.getMessage()]
+    assert len(faults) == 1, [r.getMessage() for r in faults]
     # Steps go through the compiled graph, the failed one through actor calls, and the
     # graph is rebuilt across the nodes once the worker is back.
     assert [h["graph_step"] for h in hist[:5]] == [1] * 5 and hist[5]["graph_step"] == 0

@@ -304,7 +304,8 @@ def test_worker_restarted_between_graph_steps_resumes_exactly(trainers, caplog):
   assert sum(h["pool_inits"] for h in hist) == 1 and hist[0]["graph_step"] == 0
   assert hist[-1]["graph_step"] == 1   # rebuilt once every worker answered again
   assert _equal(straight, learner) and all(h["inexact"] == 0 for h in hist)
-  warned = [r.getMessage() for r in caplog.records if r.name == "lopt.ray" and r.levelno >= logging.WARNING]
+  warned = [r.getMessage() for r in caplog.records if r.name == "lopt.ray" and r.levelno >= logging.WARNING
+            and "waiting for workers" not in r.getMessage()]  # progress lines of a slow machine
   assert len(warned) == 1 and "worker 1" in warned[0], warned   # one line for the fault
 
 

@@ -142,12 +142,12 @@ class GradientEstimator(struct.PyTreeNode, abc.ABC):
     """
     if indices is None:
       indices = jnp.arange(self.num_tasks, dtype=jnp.int32)
-    return _jit_init(self, key, meta_params, jnp.asarray(indices, jnp.int32))
+    return _jit_init(_classes(self), self, key, meta_params, jnp.asarray(indices, jnp.int32))
 
   def estimate(self, key: jax.Array, meta_params: MetaParams,
                state: EstState) -> tuple[EstState, GradEstimate]:
     """Advances the pool one truncation and returns the meta-gradient estimate."""
-    return _jit_estimate(self, key, meta_params, state)
+    return _jit_estimate(_classes(self), self, key, meta_params, state)
 
   # ---- written by subclasses ----------------------------------------------------
   @abc.abstractmethod
@@ -223,11 +223,21 @@ class GradientEstimator(struct.PyTreeNode, abc.ABC):
                         num_pairs=jnp.asarray(n, jnp.int32), counts=counts)
 
 
-@lopt_compile.jit
-def _jit_init(est, key, meta_params, indices):
+# The classes of the estimator, its optimizer and its family are a static argument: JAX
+# (0.10) compares the treedefs of two flax classes with equal static fields as equal
+# (`PES` and `TruncatedES` built with the same settings), so a compilation cached for one
+# could otherwise serve the other.
+def _classes(est) -> tuple[type, ...]:
+  return type(est), type(est.lopt), type(est.family)
+
+
+@lopt_compile.jit(static_argnums=0)
+def _jit_init(classes, est, key, meta_params, indices):
+  del classes
   return est._init(key, meta_params, indices)
 
 
-@lopt_compile.jit
-def _jit_estimate(est, key, meta_params, state):
+@lopt_compile.jit(static_argnums=0)
+def _jit_estimate(classes, est, key, meta_params, state):
+  del classes
   return est._estimate(key, meta_params, state)
