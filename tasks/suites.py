@@ -133,20 +133,22 @@ SAFEGUARD_SUITE: dict[str, SuiteTask] = {t.name: t for t in [
 # Scale transfer, the question the field asks first (Celo2 meta-trains on 2.4k-parameter
 # MLPs and evaluates up to 1.3B): each task has >= 100x the parameters of the tiny image
 # MLP recipe's largest meta-training task (64-32-10 on 8x8 inputs: 2,410 parameters) at a
-# realistic budget. Per-step times on 2 CPU cores (Adam, busy machine): 0.15 s, 0.2 s and
-# 0.03 s; `lopt eval --suite heldout_scale` runs a learned optimizer on all three with 3
-# seeds in about half an hour there.
+# realistic budget. Batches are sized so that a learning-rate-tuned optimizer (7 grid
+# points on one seed, 2 more seeds at the chosen rate: 9 runs) takes under an hour on 2
+# idle CPU cores even at 1.5x Adam's step cost: Adam's steps (vmapped 7-point grid, per
+# run) took 54, 28 and 15 ms there, 25 min for the 9 runs on all three; the transformer
+# at batch 16 and the conv net at batch 64 took 107 and 57 ms (45 min).
 SCALE_REFERENCE_PARAMS = 2410
 HELDOUT_SCALE: dict[str, SuiteTask] = {t.name: t for t in [
     SuiteTask("transformer_scale_tiny_shakespeare",
               lambda d: TransformerLMFamily(_txt("tiny_shakespeare")(d), model_dim=128, num_heads=4,
-                                            num_layers=3, seq_len=128, batch_size_range=(16, 16)),
+                                            num_layers=3, seq_len=128, batch_size_range=(8, 8)),
               2000, "tiny_shakespeare", "transformer LM, d=128, 3 layers, sequence 128, "
-              "batch 16 (628k parameters, 261x)"),
+              "batch 8 (628k parameters, 261x)"),
     SuiteTask("conv_scale_mnist",
               lambda d: ConvNetFamily(_img("mnist")(d), channels=(16, 32, 64, 128, 128),
-                                      batch_size_range=(64, 64)),
-              1000, "mnist", "5-layer strided conv net on 28x28 MNIST, batch 64 (246k "
+                                      batch_size_range=(32, 32)),
+              1000, "mnist", "5-layer strided conv net on 28x28 MNIST, batch 32 (246k "
               "parameters, 102x)"),
     SuiteTask("mlp_scale_mnist",
               lambda d: MLPImageFamily(_img("mnist")(d), width_range=(1024, 1024), max_depth=2,
