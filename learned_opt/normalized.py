@@ -262,14 +262,12 @@ class NormalizedMLP(LearnedOptimizer):
     network was meta-trained inside it, else None (the bare direction and rate)."""
     if not self.meta_train_harness:
       return None
-    return normalized_optax.normalized_mlp(self.at_use(), meta_params, learning_rate,
-                                           weight_decay=self.meta_train_weight_decay,
-                                           num_steps=num_steps, seed=seed)
+    return self._harness(meta_params, learning_rate, num_steps, seed=seed)
 
-  def _harness(self, meta_params, schedule, num_steps):
+  def _harness(self, meta_params, schedule, num_steps, *, seed=0):
     return normalized_optax.normalized_mlp(self.at_use(), meta_params, schedule,
                                            weight_decay=self.meta_train_weight_decay,
-                                           num_steps=num_steps)
+                                           num_steps=num_steps, seed=seed)
 
   def _draw_peak(self, step, current, key):
     """The task's peak rate: drawn log-uniformly at its first update (with
