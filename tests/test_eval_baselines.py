@@ -235,3 +235,23 @@ def test_cache_key_follows_the_source_of_the_modules_a_baseline_names(tmp_path, 
   saferate = candidates.resolve("saferate")
   assert {m.__name__ for m in saferate.sources} >= {"learned_opt.baselines.saferate",
                                                     "learned_opt.bounds.rules"}
+
+
+def test_cache_key_names_the_code_that_was_loaded_when_the_file_changes_later(
+    tmp_path, monkeypatch):
+  # A long evaluation outlives edits: inspect.getsource would read the edited file with
+  # the loaded code's line numbers (shifted text), keying results by code that never ran.
+  import importlib
+  import sys
+  mod_path = tmp_path / "lopt_fake_make.py"
+  mod_path.write_text("import optax\n\ndef make(lr, aux, num_steps):\n  return optax.adam(lr)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  fake = importlib.import_module("lopt_fake_make")
+  cache_lib.snapshot_sources([fake.make, fake])
+  cand = candidates.resolve("adam")._replace(make=fake.make, sources=(fake,))
+  before = cache_lib.candidate_fingerprint(cand)
+  # Two lines added above the function, as a docstring edit would, without reloading.
+  mod_path.write_text("# one\n# two\nimport optax\n\ndef make(lr, aux, num_steps):\n"
+                      "  return optax.adam(lr)\n")
+  assert cache_lib.candidate_fingerprint(cand) == before
+  sys.modules.pop("lopt_fake_make", None)

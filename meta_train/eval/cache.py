@@ -48,11 +48,33 @@ def task_fingerprint(suite_task, family) -> str:
                           "full_batch": suite_task.full_batch}, sort_keys=True))
 
 
+# Source text per function or module, read once per process. `inspect.getsource` reads
+# the file on disk with the line numbers of the code that was loaded: after an edit
+# while a long evaluation runs it returns shifted lines, and the keys written from then
+# on would name code that never ran. Read once, early (`snapshot_sources` at import of
+# the baselines' table), the text is that of the code the process runs.
+# A module is keyed with its spec too: `importlib.reload` keeps the module object but
+# gives it a new spec (the spec is stored beside the text so its id stays unique).
+_SOURCES: dict[Any, tuple[Any, str]] = {}
+
+
 def _source(fn) -> str:
-  try:
-    return inspect.getsource(fn)
-  except (OSError, TypeError):  # builtins, C functions: their name stands for them
-    return getattr(fn, "__qualname__", repr(fn))
+  spec = getattr(fn, "__spec__", None) if inspect.ismodule(fn) else None
+  key = (fn, id(spec))
+  if key not in _SOURCES:
+    try:
+      text = inspect.getsource(fn)
+    except (OSError, TypeError):  # builtins, C functions: their name stands for them
+      text = getattr(fn, "__qualname__", repr(fn))
+    _SOURCES[key] = (spec, text)
+  return _SOURCES[key][1]
+
+
+def snapshot_sources(objects) -> None:
+  """Reads the source of each function or module now (see `_source`); call it right
+  after importing them."""
+  for obj in objects:
+    _source(obj)
 
 
 def candidate_fingerprint(candidate) -> str:

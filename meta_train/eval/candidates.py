@@ -39,6 +39,7 @@ from learned_opt import _sums, baselines
 from learned_opt.baselines import adam_muon, hypergradient, scheduled
 from learned_opt.bounds import (elementwise, enclosure, fusion, interpreter, interval, jaxpr_utils,
                                 rules, stabilizers)
+from learned_opt.meta_train.eval import cache
 from learned_opt.meta_train.inner.tuning import DEFAULT_GRID
 
 # 7 log-spaced learning rates, half a decade apart: 1e-4 ... 1e-1 (the baselines' grid).
@@ -186,6 +187,9 @@ BASELINES: dict[str, Baseline] = {
                         sources=(hypergradient, _sums)),
 }
 DEFAULT_BASELINES: tuple[str, ...] = tuple(n for n, b in BASELINES.items() if b.default)
+# The cache keys hash these sources: read them now, with the code this process runs.
+cache.snapshot_sources([f for b in BASELINES.values()
+                        for f in (b.make, b.eval_params, *b.sources) if f is not None])
 
 
 def _learned(lr, aux, num_steps):
