@@ -242,3 +242,46 @@ def test_safeguarded_candidates_are_monotone_on_full_batch(tmp_path, monkeypatch
     assert not opts[name]["diverged"]
   # With a descent direction (Adam's), the safeguarded run makes progress.
   assert opts["saferate"]["final_train_loss"] < 0.9 * opts["saferate"]["initial_loss"]
+
+
+_ORPHAN_PARENT = r"""
+import concurrent.futures, multiprocessing, os, sys, time
+from learned_opt.meta_train.eval import evaluation
+
+if __name__ == "__main__":
+  pool = concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context("spawn"),
+      initializer=evaluation.exit_with_parent, initargs=(os.getpid(),))
+  with open(sys.argv[1], "w") as f:
+    f.write(str(pool.submit(os.getpid).result()))
+  pool.submit(time.sleep, 600)  # a long task, as one suite task is
+  time.sleep(1.0)
+  os._exit(0)  # the parent dies without shutting its pool down (as under SIGKILL)
+"""
+
+
+def test_eval_workers_exit_when_the_eval_process_is_killed(tmp_path):
+  import os
+  import subprocess
+  import sys
+  import time
+  script, pid_file = tmp_path / "parent.py", tmp_path / "worker.pid"
+  script.write_text(_ORPHAN_PARENT)
+  subprocess.run([sys.executable, str(script), str(pid_file)], stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL, timeout=300, check=True)
+  worker = int(pid_file.read_text())
+
+  def alive():
+    try:
+      with open(f"/proc/{worker}/stat") as f:  # a zombie has exited, only not been reaped
+        return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+      return False
+
+  deadline = time.monotonic() + 120  # a liveness wait (the watch polls each second), not a speed bound
+  while alive() and time.monotonic() < deadline:
+    time.sleep(0.2)
+  still = alive()
+  if still:
+    os.kill(worker, 9)
+  assert not still, f"pool worker {worker} outlived its killed parent"

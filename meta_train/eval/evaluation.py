@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Optional, Sequence
 
@@ -207,6 +208,20 @@ def load_results(run_dir: str) -> dict:
     return json.load(f)
 
 
+def exit_with_parent(parent_pid: int, *, poll_s: float = 1.0) -> None:
+  """Makes this worker process exit when `parent_pid` is no longer its parent.
+
+  A pool's workers outlive a killed `lopt eval` (SIGTERM, SIGKILL) until their current
+  task ends, which on a full suite is many minutes of CPU spent on results nobody reads,
+  and cache entries written by code that may since have changed.
+  """
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(poll_s)
+    os._exit(1)
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _task_worker(job: str) -> str:
   """Evaluates one task in a worker process; JSON in, JSON out (no pickled objects)."""
   job = json.loads(job)
@@ -335,7 +350,9 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
         outputs = pool.imap(_task_worker, jobs)
       else:
         # spawn: a forked JAX process can deadlock.
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=exit_with_parent, initargs=(os.getpid(),))
         outputs = pool.map(_task_worker, jobs)
       try:
         for (name, missing), out in zip(todo.items(), outputs):
