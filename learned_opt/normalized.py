@@ -140,6 +140,11 @@ class NormalizedMLP(LearnedOptimizer):
       weight decay `meta_train_weight_decay`) under the sampled schedule, so the
       network is meta-trained where it will run; `to_optax(..., learning_rate=...)`
       then returns that harness too. False: the bare rule on every leaf.
+    harness_consistent_rms: the harness's `consistent_rms` (meta-training and use):
+      None for Muon's shape scale, or the RMS of the hidden matrices' orthogonalized
+      steps per unit of rate (0.2 is AdamW's typical update RMS, so one rate suits
+      both parts of the harness; with Muon's scale a 256-wide matrix steps ~1/16 as
+      far as AdamW at the same rate).
   """
 
   name: ClassVar[str] = "normalized_mlp"
@@ -157,6 +162,7 @@ class NormalizedMLP(LearnedOptimizer):
   meta_train_lr_max: Optional[float] = struct.field(pytree_node=False, default=None)
   meta_train_weight_decay: float = struct.field(pytree_node=False, default=0.0)
   meta_train_harness: bool = struct.field(pytree_node=False, default=False)
+  harness_consistent_rms: Optional[float] = struct.field(pytree_node=False, default=None)
 
   def __post_init__(self):
     if self.fused not in fused_lib.MODES:
@@ -184,6 +190,8 @@ class NormalizedMLP(LearnedOptimizer):
     check_positive("meta_train_weight_decay", self.meta_train_weight_decay, allow_zero=True)
     if not isinstance(self.meta_train_harness, bool):
       raise ValueError(f"meta_train_harness must be True or False, got {self.meta_train_harness!r}")
+    if self.harness_consistent_rms is not None:
+      check_positive("harness_consistent_rms", self.harness_consistent_rms)
     if self.meta_train_harness and self.meta_train_lr is None:
       raise ValueError("meta_train_harness=True needs meta_train_lr (the harness's AdamW part "
                        "takes a learning rate); got meta_train_lr=None")
@@ -267,7 +275,8 @@ class NormalizedMLP(LearnedOptimizer):
   def _harness(self, meta_params, schedule, num_steps, *, seed=0):
     return normalized_optax.normalized_mlp(self.at_use(), meta_params, schedule,
                                            weight_decay=self.meta_train_weight_decay,
-                                           num_steps=num_steps, seed=seed)
+                                           num_steps=num_steps, seed=seed,
+                                           consistent_rms=self.harness_consistent_rms)
 
   def _draw_peak(self, step, current, key):
     """The task's peak rate: drawn log-uniformly at its first update (with

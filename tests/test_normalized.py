@@ -364,3 +364,29 @@ def test_evaluation_runs_a_harness_trained_optimizer_inside_its_harness(tmp_path
   value_fn = lambda p: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(p))
   u, _ = st.update(grads, st.init(params), params, value_fn=value_fn)
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(u))
+
+
+def test_harness_consistent_rms_gives_hidden_matrices_adamw_sized_steps():
+  """`harness_consistent_rms=0.2` scales the orthogonalized hidden-matrix steps to RMS
+  ~0.2 per unit of rate, in meta-training's `update` and in the shipped transform alike,
+  whatever the width; Muon's shape scale (None) gives RMS ~1/sqrt(width), here 1/4."""
+  params, grads = _tree(6)
+  rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))
+  lr = 1e-2
+  steps = {}
+  for target in (None, 0.2):
+    lopt = lo.NormalizedMLP(fused="xla", meta_train_lr=lr, meta_train_harness=True,
+                            harness_consistent_rms=target)
+    theta = lopt.init_meta_params(jax.random.key(0))
+    use = lo.to_optax(lopt, theta, learning_rate=lr)
+    u_use, _ = use.update(grads, use.init(params), params)
+    # Meta-training at a constant rate (no horizon) steps as the shipped transform does.
+    u_meta, _ = lopt.update(theta, grads, lopt.init(theta, params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), u_use, u_meta)
+    steps[target] = rms(u_use["Dense_1"]["kernel"]) / lr
+    # AdamW's part is untouched by the option: its first step is lr * sign(g).
+    np.testing.assert_allclose(rms(u_use["Dense_2"]["kernel"]) / lr, 1.0, rtol=1e-3)
+  assert 0.15 < steps[0.2] < 0.25, steps
+  assert 0.2 < steps[None] < 0.3, steps  # 1/sqrt(16), Newton-Schulz's ~orthogonal factor
+  with pytest.raises(ValueError, match="harness_consistent_rms must be a number > 0"):
+    lo.NormalizedMLP(harness_consistent_rms=0.0)
