@@ -63,8 +63,24 @@ SLOW_CASES = frozenset([
 def pytest_collection_modifyitems(config, items):
   # Under pytest-xdist (`-n`), tests that start Ray clusters share one worker: two local
   # clusters at once on a 2-core machine only slow each other down.
+  _check_slow_cases(config, items)
   for item in items:
     if item.path.name.startswith("test_ray_"):
       item.add_marker(pytest.mark.xdist_group("ray"))
     if item.nodeid in SLOW_CASES:
       item.add_marker(pytest.mark.slow)
+
+
+def _check_slow_cases(config, items) -> None:
+  """A `SLOW_CASES` id that names no collected test (a renamed case or parameter) would
+  silently send that case back to the default run: refuse to run instead. Checked for
+  the functions collected, and for whole files when no node id narrows the run."""
+  ids = {item.nodeid for item in items}
+  functions = {i.split("[")[0] for i in ids}
+  whole = not any("::" in str(a) for a in config.args)
+  files = {i.split("::")[0] for i in ids} if whole else set()
+  stale = sorted(c for c in SLOW_CASES
+                 if c not in ids and (c.split("[")[0] in functions or c.split("::")[0] in files))
+  if stale:
+    raise pytest.UsageError("tests/conftest.py SLOW_CASES names tests that were not collected "
+                            f"(renamed?): {', '.join(stale)}; update the list")
