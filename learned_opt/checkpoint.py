@@ -36,7 +36,6 @@ import importlib.resources
 import json
 import os
 import struct as pystruct
-import tempfile
 from typing import Any, Optional
 
 import jax
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from learned_opt._atomic import write_atomic
 from learned_opt import registry
 from learned_opt.base import LearnedOptimizer
 from learned_opt.optax_adapter import to_optax
@@ -129,20 +129,7 @@ def save(path: str | os.PathLike, lopt: LearnedOptimizer, meta_params,
   except (TypeError, ValueError) as e:
     raise ValueError(f"info must be JSON-serializable (numbers, strings, lists, dicts): {e}") from e
   blob = MAGIC + pystruct.pack("<I", len(header_bytes)) + header_bytes + weights
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  # A dot-name that starts with the target's, so a temp file left by a kill is recognizable.
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      fh.write(blob)
-      fh.flush()
-      os.fsync(fh.fileno())  # the rename must not land before the bytes do
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, blob)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

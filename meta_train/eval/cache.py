@@ -15,11 +15,12 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import jax
 import numpy as np
+
+from learned_opt._atomic import write_atomic
 
 CACHE_FORMAT = 1
 
@@ -122,13 +123,4 @@ class ResultCache:
     path = self._path(task, candidate)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     entry = {"key": self.key(keyed_on), "keyed_on": keyed_on, "result": result}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w") as f:
-        json.dump(entry, f, indent=1, sort_keys=True, allow_nan=False)
-      os.chmod(tmp, 0o644)  # mkstemp makes it private; entries are shared files
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    write_atomic(path, json.dumps(entry, indent=1, sort_keys=True, allow_nan=False))

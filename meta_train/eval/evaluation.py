@@ -14,7 +14,6 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import tqdm
 
 import learned_opt
+from learned_opt._atomic import write_atomic
 from learned_opt import _extras
 from learned_opt.meta_train.eval import cache
 from learned_opt.meta_train.eval import candidates as eval_optimizers
@@ -193,10 +193,7 @@ def add_speedups(task_result: dict, reference: Optional[str] = None) -> dict:
 
 # ---- suites ------------------------------------------------------------------------------
 def _write_json(path: str, data: dict) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(data, f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 def load_results(run_dir: str) -> dict:

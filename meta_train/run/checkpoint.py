@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+
+from learned_opt._atomic import write_atomic
 
 _NAME = re.compile(r"^ckpt_(\d+)\.msgpack$")
 TEMP_PREFIX = ".tmp_ckpt_"
@@ -74,17 +75,7 @@ def save(directory: str, step: int, tree: Any, *, keep: int = 3) -> str:
   os.makedirs(directory, exist_ok=True)
   data = serialization.to_bytes(_keys_to_data(jax.device_get(tree)))
   path = checkpoint_path(directory, step)
-  fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, data, prefix=TEMP_PREFIX)
   for _, old in list_checkpoints(directory)[:-keep]:
     os.remove(old)
   return path

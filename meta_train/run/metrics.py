@@ -19,6 +19,8 @@ import os
 import warnings
 from typing import Any, Mapping
 
+from learned_opt._atomic import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 TENSORBOARD_MISSING = ("run.tensorboard is on, but tensorboardX is not installed, so no "
@@ -102,12 +104,7 @@ class MetricsWriter:
       records, _ = _read_records(self.path)
       kept = [json.dumps(r) + "\n" for r in records if r["step"] <= resume_step]
       # Rewritten whole and renamed over, so a kill here leaves the old file or the new.
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, self.path)
+      write_atomic(self.path, "".join(kept))
     self._file = open(self.path, "a")
     self._tb = None
     self.tensorboard_dir = None

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any
 
+from learned_opt._atomic import write_atomic
 from learned_opt.meta_train.run import checkpoint as run_checkpoint
 from learned_opt.meta_train.run import config as config_lib
 from learned_opt.meta_train.run.metrics import METRICS_FILE
@@ -26,18 +26,7 @@ log = logging.getLogger(__name__)
 
 def write_text_atomic(path: str, text: str) -> None:
   """Writes `text` to `path` via a fsynced temporary file renamed over it."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, text)
 
 
 def remove_stale_temp_files(run_dir: str, export: str | None) -> list[str]:
