@@ -37,11 +37,30 @@ def test_speedup_counts_steps_to_reference_final_loss():
   assert s["slow"]["speedup"] is None and s["slow"]["speedup_bound"] == 1.0
 
 
+def test_stored_results_are_judged_by_the_current_divergence_criterion():
+  stored = {"diverged": True, "curves_per_seed": [[2.359, 1.2, 0.6], [2.311, 2.309, 2.304]],
+            "final_train_loss_per_seed": [0.58, 2.313]}
+  assert not M.result_diverged(stored)
+  assert M.result_diverged({**stored, "final_train_loss_per_seed": [0.58, None]})
+  assert M.result_diverged({**stored, "curves_per_seed": [[2.359, None, 0.6], [2.311, 2.3, 2.3]]})
+  assert M.result_diverged({**stored, "final_train_loss_per_seed": [0.58, 2.5]})
+  assert M.result_diverged({"diverged": True})  # older results without per-seed data
+  task = {"optimizers": {"adamw_cosine": {"final_train_loss": 0.5, "diverged": False,
+                                          "speedup_bound": 1.0},
+                         "saferate": {**stored, "final_train_loss": 1.14, "speedup_bound": 0.9}}}
+  assert M.summarize({"t": task}, reference="adamw_cosine")["saferate"]["diverged_tasks"] == []
+
+
 def test_divergence_and_monotonicity():
   ok = np.array([[3.0, 2.0, 1.0]])
   assert not M.diverged(ok, np.array([1.0]))
   assert M.diverged(ok, np.array([3.5]))                       # above the initial loss
   assert M.diverged(np.array([[3.0, np.nan, 1.0]]), np.array([1.0]))
+  # A run stalled at its initialization (conv_mnist under SafeRate, one seed: 2.311 on the
+  # first minibatch, 2.313 on the evaluation batches at the end) did not diverge.
+  stalled = np.array([[2.311, 2.309, 2.304]])
+  assert not M.diverged(stalled, np.array([2.313]))
+  assert M.diverged(stalled, np.array([2.311 * 1.03]))
   assert M.max_relative_increase(ok) == 0.0
   assert M.max_relative_increase(np.array([[2.0, 1.0, 1.5]])) == pytest.approx(0.5)
   assert M.max_relative_increase(np.array([[2.0, np.inf]])) == math.inf

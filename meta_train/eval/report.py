@@ -198,7 +198,7 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
       loss = r["final_train_loss"]
       ratio = f"{loss / ref_loss:.2f}" if loss is not None and ref_loss else "n/a"
       lines.append(f"| {opt} | {lr} | {_fmt(loss, '.4g')} | {ratio} | {_fmt(r['test_loss'], '.4g')} "
-                   f"| {_speed(r)} | {'**yes**' if r['diverged'] else 'no'} |")
+                   f"| {_speed(r)} | {'**yes**' if M.result_diverged(r) else 'no'} |")
     lines.append("")
   full = {n: t for n, t in results["tasks"].items() if t["full_batch"]}
   if full:
@@ -215,7 +215,7 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
         r = t["optimizers"].get(opt)
         cells.append("-" if r is None else _fmt(r.get("max_relative_increase"), ".2g")
                      + (" *monotone*" if r.get("monotone") else "")
-                     + (" (diverged)" if r["diverged"] else ""))
+                     + (" (diverged)" if M.result_diverged(r) else ""))
       lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("")
   lines += ["## Plots", "", f"![loss curves]({curves_png})", "", f"![speedups]({speedup_png})", "",
