@@ -294,7 +294,7 @@ def test_shipped_config_builds():
   cfg = config_lib.load_config(str(CONFIGS / "pretrain_normalized.yaml"))
   lopt = config_lib.build_lopt(cfg.lopt)
   assert isinstance(lopt, lo.NormalizedMLP) and lo.takes_learning_rate(lopt)
-  assert lopt.hidden_sizes == (8, 8) and lopt.meta_train_lr == 1e-3 and lopt.meta_train_harness
+  assert lopt.hidden_sizes == (8, 8) and lopt.meta_train_lr == 3e-3 and lopt.meta_train_harness
   assert cfg.task.param_scale_range == (0.5, 2.0)
   assert cfg.task.families == ("mlp_mnist8x8", "mlp_synthetic8x8", "mlp_synthetic8x8_hard")
 
