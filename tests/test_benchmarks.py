@@ -57,3 +57,33 @@ def test_saferate_speed_benchmark_runs(tmp_path):
                  "--dtypes", "float32", "--repeats", "1", "--out", str(tmp_path)], tmp_path)
   ratio = float(stdout.split("SafeRate[Adam] / Adam = ")[1].split("x")[0])
   assert 1.0 < ratio < 20.0
+
+
+_TINY_NORMALIZED = """
+name: tiny_normalized
+seed: 0
+task: {families: [mlp_synthetic8x8]}
+lopt:
+  name: normalized_mlp
+  options: {hidden_sizes: [4, 4], meta_train_lr: 0.003, meta_train_lr_max: 0.03,
+            meta_train_harness: true, harness_consistent_rms: 0.2}
+truncation: {kind: log_uniform, min_length: 8, max_length: 16}
+estimator: {kind: pes, num_tasks: 2, unroll_length: 4, sigma: 0.05}
+outer: {optimizer: adam, learning_rate: 0.001, num_steps: 1}
+"""
+
+
+@pytest.mark.slow
+def test_estimator_snr_and_meta_validation_run(tmp_path):
+  (tmp_path / "tiny.yaml").write_text(_TINY_NORMALIZED)
+  stdout = _run([str(_BENCH / "estimator_snr.py"), "tiny.yaml", "--set", "estimator.sigma=0.1",
+                 "--replicas", "2", "--burn-in", "1", "--keep", "2"], tmp_path)
+  row = stdout.strip().splitlines()[-1].split()
+  assert row[0] == "estimator.sigma=0.1" and -1.0 <= float(row[2]) <= 1.0
+  _run([str(_BENCH / "meta_validation.py"), "tiny.yaml", "--steps", "30", "--seeds", "1",
+        "--tasks-per-family", "1", "--lrs", "0.003", "0.03", "--baselines", "adamw_cosine",
+        "--json", "val.json"], tmp_path)
+  results = json.loads((tmp_path / "val.json").read_text())["results"]
+  assert set(results) == {"initialization", "adamw_cosine"}
+  for r in results.values():  # both train the task: the loss falls
+    assert 0.0 < r["tuned"] < 1.0 and len(r["per_lr"]) == 2

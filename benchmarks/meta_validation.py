@@ -1,0 +1,113 @@
+"""Meta-validation of a run: its learned optimizer at the initialization and at given
+checkpoints, on fixed tasks of the config's families, side by side.
+
+The meta-loss a run logs is measured on the pool it trains on, at whatever point of their
+lives the tasks are, with the perturbations applied: too noisy to tell a small gain from
+none. Here every candidate trains the same fixed tasks (2 drawn per family, unaugmented)
+from scratch over the whole horizon, on the same seeds, under the schedule it meets at
+use: an optimizer that takes a learning rate runs `with_learning_rate` (its harness) or
+its bare direction under warmup-cosine at each peak of `--lrs`; others run as is.
+
+Prints per candidate the mean over tasks of final training loss / initial loss at each
+peak, and with the peak tuned per task (the best of the grid); `--baselines` adds
+`lopt eval`'s baselines on the same tasks, seeds and grid for scale (e.g. adamw_cosine).
+
+Usage: python benchmarks/meta_validation.py CONFIG [CKPT ...] [--steps 500] [--seeds 2]
+         [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--baselines adamw_cosine ...] [--data-dir DIR]
+         [--json OUT]
+CKPT: run checkpoints (RUN/checkpoints/ckpt_*.msgpack) or exported `.lopt` files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+import learned_opt
+from learned_opt import baselines
+from learned_opt.meta_train.eval import candidates as eval_candidates
+from learned_opt.meta_train.inner import loop
+from learned_opt.meta_train.run import build
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.tasks import get_family
+
+
+@dataclasses.dataclass(frozen=True)
+class _Make:
+  """`(lr, meta_params, num_steps) -> optax transform` for `loop.run_grid` (hashable)."""
+  lopt: object
+
+  def __call__(self, lr, meta_params, num_steps):
+    if not learned_opt.takes_learning_rate(self.lopt):
+      return learned_opt.to_optax(self.lopt, meta_params, num_steps=num_steps)
+    schedule = baselines.warmup_cosine(lr, num_steps)
+    own = self.lopt.with_learning_rate(meta_params, schedule, num_steps=num_steps)
+    if own is not None:
+      return own
+    return learned_opt.to_optax(self.lopt, meta_params, num_steps=num_steps, learning_rate=schedule)
+
+
+def _meta_params(path: str, template):
+  if path.endswith(".lopt"):
+    return learned_opt.load(path)[1]
+  with open(path, "rb") as f:
+    raw = serialization.msgpack_restore(f.read())
+  return serialization.from_state_dict(template, raw["learner"]["meta_params"])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("config")
+  parser.add_argument("checkpoints", nargs="*")
+  parser.add_argument("--steps", type=int, default=500)
+  parser.add_argument("--seeds", type=int, default=2)
+  parser.add_argument("--tasks-per-family", type=int, default=2)
+  parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+  parser.add_argument("--baselines", nargs="*", default=[])
+  parser.add_argument("--data-dir", default=os.environ.get("LOPT_DATA_DIR"))
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+
+  cfg = config_lib.load_config(args.config)
+  lopt = build.build_lopt(cfg.lopt)
+  init = lopt.init_meta_params(jax.random.key(cfg.seed))
+  candidates = {"initialization": init}
+  for path in args.checkpoints:
+    candidates[os.path.basename(path)] = _meta_params(path, init)
+  lrs = jnp.asarray(args.lrs if learned_opt.takes_learning_rate(lopt) else [0.0])
+  keys = loop.seed_keys(args.seeds, 100)
+  families = [get_family(n, args.data_dir) for n in cfg.task.families]
+  tasks = [f.task(f.sample(jax.random.key(7 + i))) for f in families
+           for i in range(args.tasks_per_family)]
+  runs = [(name, _Make(lopt), meta_params, lrs) for name, meta_params in candidates.items()]
+  for name in args.baselines:
+    cand = eval_candidates.resolve(name)
+    runs.append((name, cand.make, None, jnp.asarray(args.lrs if cand.grid else [0.0])))
+  print(f"{len(tasks)} tasks, {args.steps} steps, {args.seeds} seeds; final/initial training "
+        f"loss, mean over tasks, per peak {list(map(float, lrs))} and tuned per task")
+  out = {}
+  for name, make, meta_params, grid in runs:
+    ratios = []
+    for task in tasks:
+      losses, final_train, _ = loop.run_grid(task, grid, keys, meta_params, make=make,
+                                             num_steps=args.steps, full_batch=False)
+      initial = float(np.mean(np.asarray(losses)[:, :, 0]))
+      ratios.append(np.mean(np.asarray(final_train), axis=1) / initial)  # [H]
+    ratios = np.stack(ratios)  # [tasks, H]
+    out[name] = {"per_lr": ratios.mean(axis=0).tolist(), "tuned": float(ratios.min(axis=1).mean())}
+    print(f"{name:32s} per peak {np.array2string(ratios.mean(axis=0), precision=4)}  "
+          f"tuned {out[name]['tuned']:.4f}", flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": args.config, "steps": args.steps, "seeds": args.seeds,
+                 "lrs": list(map(float, lrs)), "results": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
