@@ -10,11 +10,13 @@ its bare direction under warmup-cosine at each peak of `--lrs`; others run as is
 
 Prints per candidate the mean over tasks of final training loss / initial loss at each
 peak, and with the peak tuned per task (the best of the grid); `--baselines` adds
-`lopt eval`'s baselines on the same tasks, seeds and grid for scale (e.g. adamw_cosine).
+`lopt eval`'s baselines on the same tasks, seeds and grid for scale (e.g. adamw_cosine);
+each `--variant` (comma-separated config overrides, e.g. lopt.options.init_rule=momentum)
+adds that architecture at its initialization (a hand-set rule through the same harness).
 
 Usage: python benchmarks/meta_validation.py CONFIG [CKPT ...] [--steps 500] [--seeds 2]
-         [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--baselines adamw_cosine ...] [--data-dir DIR]
-         [--json OUT]
+         [--lrs 1e-3 3e-3 1e-2 3e-2 1e-1] [--baselines adamw_cosine ...]
+         [--variant KEY=VALUE,...] [--data-dir DIR] [--json OUT]
 CKPT: run checkpoints (RUN/checkpoints/ckpt_*.msgpack) or exported `.lopt` files.
 """
 from __future__ import annotations
@@ -70,6 +72,8 @@ def main():
   parser.add_argument("--tasks-per-family", type=int, default=2)
   parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
   parser.add_argument("--baselines", nargs="*", default=[])
+  parser.add_argument("--variant", action="append", default=[],
+                      help="comma-separated config overrides; its initialization is a candidate")
   parser.add_argument("--data-dir", default=os.environ.get("LOPT_DATA_DIR"))
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
@@ -86,6 +90,9 @@ def main():
   tasks = [f.task(f.sample(jax.random.key(7 + i))) for f in families
            for i in range(args.tasks_per_family)]
   runs = [(name, _Make(lopt), meta_params, lrs) for name, meta_params in candidates.items()]
+  for variant in args.variant:
+    v_lopt = build.build_lopt(config_lib.load_config(args.config, variant.split(",")).lopt)
+    runs.append((variant, _Make(v_lopt), v_lopt.init_meta_params(jax.random.key(cfg.seed)), lrs))
   for name in args.baselines:
     cand = eval_candidates.resolve(name)
     runs.append((name, cand.make, None, jnp.asarray(args.lrs if cand.grid else [0.0])))
