@@ -6,7 +6,8 @@ lives the tasks are, with the perturbations applied: too noisy to tell a small g
 none. Here every candidate trains the same fixed tasks (2 drawn per family, unaugmented)
 from scratch over the whole horizon, on the same seeds, under the schedule it meets at
 use: an optimizer that takes a learning rate runs `with_learning_rate` (its harness) or
-its bare direction under warmup-cosine at each peak of `--lrs`; others run as is.
+its bare direction under adamw_cosine's warmup-cosine, weight decay and mask at each peak of
+`--lrs` (exactly as `lopt eval` runs it); others run as is.
 
 Prints per candidate the mean over tasks of final training loss / initial loss at each
 peak, and with the peak tuned per task (the best of the grid); `--baselines` adds
@@ -22,7 +23,6 @@ CKPT: run checkpoints (RUN/checkpoints/ckpt_*.msgpack) or exported `.lopt` files
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
@@ -32,27 +32,11 @@ import numpy as np
 from flax import serialization
 
 import learned_opt
-from learned_opt import baselines
 from learned_opt.meta_train.eval import candidates as eval_candidates
 from learned_opt.meta_train.inner import loop
 from learned_opt.meta_train.run import build
 from learned_opt.meta_train.run import config as config_lib
 from learned_opt.tasks import get_family
-
-
-@dataclasses.dataclass(frozen=True)
-class _Make:
-  """`(lr, meta_params, num_steps) -> optax transform` for `loop.run_grid` (hashable)."""
-  lopt: object
-
-  def __call__(self, lr, meta_params, num_steps):
-    if not learned_opt.takes_learning_rate(self.lopt):
-      return learned_opt.to_optax(self.lopt, meta_params, num_steps=num_steps)
-    schedule = baselines.warmup_cosine(lr, num_steps)
-    own = self.lopt.with_learning_rate(meta_params, schedule, num_steps=num_steps)
-    if own is not None:
-      return own
-    return learned_opt.to_optax(self.lopt, meta_params, num_steps=num_steps, learning_rate=schedule)
 
 
 def _meta_params(path: str, template):
@@ -89,21 +73,26 @@ def main():
   families = [get_family(n, args.data_dir) for n in cfg.task.families]
   tasks = [f.task(f.sample(jax.random.key(7 + i))) for f in families
            for i in range(args.tasks_per_family)]
-  runs = [(name, _Make(lopt), meta_params, lrs) for name, meta_params in candidates.items()]
+  # Learned candidates run exactly as `lopt eval` runs them (its schedule, weight decay
+  # and harness), over this benchmark's grid.
+  runs = [eval_candidates.learned_candidate(name, lopt, meta_params, lr_grid=tuple(args.lrs))
+          for name, meta_params in candidates.items()]
   for variant in args.variant:
     v_lopt = build.build_lopt(config_lib.load_config(args.config, variant.split(",")).lopt)
-    runs.append((variant, _Make(v_lopt), v_lopt.init_meta_params(jax.random.key(cfg.seed)), lrs))
-  for name in args.baselines:
-    cand = eval_candidates.resolve(name)
-    runs.append((name, cand.make, None, jnp.asarray(args.lrs if cand.grid else [0.0])))
+    runs.append(eval_candidates.learned_candidate(
+        variant, v_lopt, v_lopt.init_meta_params(jax.random.key(cfg.seed)),
+        lr_grid=tuple(args.lrs)))
+  runs += [eval_candidates.resolve(name, lr_grid=tuple(args.lrs)) for name in args.baselines]
   print(f"{len(tasks)} tasks, {args.steps} steps, {args.seeds} seeds; final/initial training "
         f"loss, mean over tasks, per peak {list(map(float, lrs))} and tuned per task")
   out = {}
-  for name, make, meta_params, grid in runs:
+  for cand in runs:
+    name, grid = cand.name, jnp.asarray(cand.grid or (0.0,), jnp.float32)
     ratios = []
     for task in tasks:
-      losses, final_train, _ = loop.run_grid(task, grid, keys, meta_params, make=make,
-                                             num_steps=args.steps, full_batch=False)
+      losses, final_train, _ = loop.run_grid(task, grid, keys, cand.aux, make=cand.make,
+                                             num_steps=args.steps, full_batch=False,
+                                             eval_params=cand.eval_params)
       initial = float(np.mean(np.asarray(losses)[:, :, 0]))
       ratios.append(np.mean(np.asarray(final_train), axis=1) / initial)  # [H]
     ratios = np.stack(ratios)  # [tasks, H]

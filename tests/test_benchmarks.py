@@ -82,8 +82,10 @@ def test_estimator_snr_and_meta_validation_run(tmp_path):
   assert row[0] == "estimator.sigma=0.1" and -1.0 <= float(row[2]) <= 1.0
   _run([str(_BENCH / "meta_validation.py"), "tiny.yaml", "--steps", "30", "--seeds", "1",
         "--tasks-per-family", "1", "--lrs", "0.003", "0.03", "--baselines", "adamw_cosine",
-        "--variant", "lopt.options.init_rule=momentum", "--json", "val.json"], tmp_path)
+        "--variant", "lopt.options.init_rule=momentum",
+        "--variant", "lopt.options.meta_train_harness=false", "--json", "val.json"], tmp_path)
   results = json.loads((tmp_path / "val.json").read_text())["results"]
-  assert set(results) == {"initialization", "adamw_cosine", "lopt.options.init_rule=momentum"}
+  assert set(results) == {"initialization", "adamw_cosine", "lopt.options.init_rule=momentum",
+                          "lopt.options.meta_train_harness=false"}
   for r in results.values():  # both train the task: the loss falls
     assert 0.0 < r["tuned"] < 1.0 and len(r["per_lr"]) == 2

@@ -269,6 +269,12 @@ def test_candidates_tune_a_learning_rate_taking_optimizer(tmp_path):
   assert candidates.resolve(str(tmp_path / "n.lopt")).grid == candidates.DEFAULT_LR_GRID
   cand = candidates.resolve(str(tmp_path / "n.lopt"), lr_grid=(1e-3, 1e-1))
   assert cand.kind == "learned" and cand.grid == (1e-3, 1e-1)
+  # Unsaved meta-parameters (benchmarks/meta_validation.py) run the same way.
+  lopt, theta, _ = lo.load(tmp_path / "n.lopt")
+  same = candidates.learned_candidate("n", lopt, theta, lr_grid=(1e-3, 1e-1),
+                                      weights_sha256=lo.read_header(tmp_path / "n.lopt")["weights_sha256"])
+  assert (same.make, same.grid, same.kind, same.fingerprint) == (
+      cand.make, cand.grid, cand.kind, cand.fingerprint)
   task = tasks.QuadraticFamily(dim=4).task()
   res = evaluation.evaluate_candidate(task, cand, evaluation.seed_keys(1), num_steps=30,
                                       full_batch=True)

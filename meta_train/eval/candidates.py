@@ -259,9 +259,19 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
                      "learned", sha)
   label, lopt, meta_params, sha = _load_learned(name)
+  return learned_candidate(label, lopt, meta_params, weights_sha256=sha, lr_grid=lr_grid)
+
+
+def learned_candidate(label: str, lopt, meta_params, *, weights_sha256: str = "",
+                      lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candidate:
+  """A learned optimizer (any meta-parameters, saved or not) run as `lopt eval` runs it.
+
+  One that takes a learning rate is tuned over `lr_grid` under adamw_cosine's schedule
+  (inside its own harness when it has one); others run as they are.
+  """
   if learned_opt.takes_learning_rate(lopt):
     # The fingerprint names the protocol too: results of the same weights run another
     # way (as is, before this existed) are not reused.
     return Candidate(label, _learned, tuple(lr_grid), (lopt, meta_params), "learned",
-                     f"{sha}:{LEARNED_LR_PROTOCOL}")
-  return Candidate(label, _learned, (), (lopt, meta_params), "learned", sha)
+                     f"{weights_sha256}:{LEARNED_LR_PROTOCOL}")
+  return Candidate(label, _learned, (), (lopt, meta_params), "learned", weights_sha256)
