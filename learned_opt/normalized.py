@@ -145,6 +145,10 @@ class NormalizedMLP(LearnedOptimizer):
       steps per unit of rate (0.2 is AdamW's typical update RMS, so one rate suits
       both parts of the harness; with Muon's scale a 256-wide matrix steps ~1/16 as
       far as AdamW at the same rate).
+    harness_learned_head: the harness's partition: False for `muon_labels` (the output
+      head takes AdamW, as in Muon), True for `normalized_optax.learned_head_labels`
+      (Celo2's released partition: the head takes the learned rule and Newton-Schulz,
+      so a one-hidden-layer MLP has two learned tensors, not one).
   """
 
   name: ClassVar[str] = "normalized_mlp"
@@ -163,6 +167,7 @@ class NormalizedMLP(LearnedOptimizer):
   meta_train_weight_decay: float = struct.field(pytree_node=False, default=0.0)
   meta_train_harness: bool = struct.field(pytree_node=False, default=False)
   harness_consistent_rms: Optional[float] = struct.field(pytree_node=False, default=None)
+  harness_learned_head: bool = struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     if self.fused not in fused_lib.MODES:
@@ -190,6 +195,9 @@ class NormalizedMLP(LearnedOptimizer):
     check_positive("meta_train_weight_decay", self.meta_train_weight_decay, allow_zero=True)
     if not isinstance(self.meta_train_harness, bool):
       raise ValueError(f"meta_train_harness must be True or False, got {self.meta_train_harness!r}")
+    if not isinstance(self.harness_learned_head, bool):
+      raise ValueError(f"harness_learned_head must be True or False, got "
+                       f"{self.harness_learned_head!r}")
     if self.harness_consistent_rms is not None:
       check_positive("harness_consistent_rms", self.harness_consistent_rms)
     if self.meta_train_harness and self.meta_train_lr is None:
@@ -276,7 +284,9 @@ class NormalizedMLP(LearnedOptimizer):
     return normalized_optax.normalized_mlp(self.at_use(), meta_params, schedule,
                                            weight_decay=self.meta_train_weight_decay,
                                            num_steps=num_steps, seed=seed,
-                                           consistent_rms=self.harness_consistent_rms)
+                                           consistent_rms=self.harness_consistent_rms,
+                                           label_fn=(normalized_optax.learned_head_labels
+                                                     if self.harness_learned_head else None))
 
   def _draw_peak(self, step, current, key):
     """The task's peak rate: drawn log-uniformly at its first update (with

@@ -12,6 +12,8 @@ get the learned direction orthogonalized by Newton-Schulz and scaled as optax's 
 scales its updates (`sqrt(max(1, fan_out / fan_in))`, or `consistent_rms`), reshaped by
 `muon_dimension_numbers`; everything else gets `optax.adamw` at the same learning rate
 or schedule. Both parts use the same decoupled weight decay and mask.
+`learned_head_labels` is the partition of Celo2's released code instead: the output
+head takes the learned rule too.
 """
 from __future__ import annotations
 
@@ -90,6 +92,17 @@ def partition_labels(label_fn: Optional[Callable[[Params], Params]] = None
     return jax.tree.map(lambda d: ADAMW if d is None else LEARNED, dims,
                         is_leaf=lambda x: x is None or _is_dims(x))
   return labels
+
+
+def learned_head_labels(params: Params) -> Params:
+  """Celo2's released partition (`label_fn` for `normalized_mlp`): every tensor of rank
+  >= 2 takes the learned rule, the output head included, except embeddings (a path
+  component containing `embed`); biases, norms and other rank < 2 leaves take AdamW.
+  (`muon_labels`, the default, also gives the head to AdamW.)"""
+  def label(path, x):
+    embed = any("embed" in str(getattr(k, "key", getattr(k, "name", k))).lower() for k in path)
+    return MUON if x.ndim >= 2 and not embed else "adam"
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def normalized_mlp(lopt: LearnedOptimizer, meta_params, learning_rate: optax.ScalarOrSchedule, *,

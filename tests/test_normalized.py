@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.contrib._muon import orthogonalize_via_newton_schulz
 
 import learned_opt as lo
-from learned_opt import baselines, normalized, normalized_optax, tasks
+from learned_opt import baselines, features, normalized, normalized_optax, tasks
 from learned_opt.meta_train import train
 from learned_opt.meta_train.eval import candidates, evaluation
 from learned_opt.meta_train.run import config as config_lib
@@ -396,3 +397,41 @@ def test_harness_consistent_rms_gives_hidden_matrices_adamw_sized_steps():
   assert 0.2 < steps[None] < 0.3, steps  # 1/sqrt(16), Newton-Schulz's ~orthogonal factor
   with pytest.raises(ValueError, match="harness_consistent_rms must be a number > 0"):
     lo.NormalizedMLP(harness_consistent_rms=0.0)
+
+
+def test_harness_learned_head_sends_the_head_through_the_learned_rule():
+  """`harness_learned_head=True` (Celo2's released partition): the head kernel takes the
+  orthogonalized learned step like the hidden kernels; biases, the scalar and embeddings
+  stay with AdamW. The default gives the head to AdamW (first step lr * sign(g))."""
+  params, grads = _tree(8)
+  params = {**params, "embed": {"embedding": params["Dense_1"]["kernel"]}}
+  grads = {**grads, "embed": {"embedding": grads["Dense_1"]["kernel"]}}
+  lr = 1e-2
+  labels = normalized_optax.learned_head_labels(params)
+  assert labels["Dense_2"]["kernel"] == "muon" and labels["Dense_2"]["bias"] == "adam"
+  assert labels["embed"]["embedding"] == "adam" and labels["gain"] == "adam"
+  heads = {}
+  for learned_head in (False, True):
+    lopt = lo.NormalizedMLP(fused="xla", meta_train_lr=lr, meta_train_harness=True,
+                            harness_consistent_rms=0.2, harness_learned_head=learned_head)
+    theta = lopt.init_meta_params(jax.random.key(0))
+    use = lo.to_optax(lopt, theta, learning_rate=lr)
+    u, _ = use.update(grads, use.init(params), params)
+    u_meta, _ = lopt.update(theta, grads, lopt.init(theta, params), params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), u, u_meta)
+    heads[learned_head] = np.asarray(u["Dense_2"]["kernel"]) / lr
+    for leaf in (u["Dense_2"]["bias"], u["embed"]["embedding"]):  # AdamW's first step
+      np.testing.assert_allclose(np.abs(np.asarray(leaf)) / lr, 1.0, rtol=1e-3)
+  np.testing.assert_allclose(np.abs(heads[False]), 1.0, rtol=1e-3)
+  # Learned: minus the network's direction for the head, orthogonalized by optax's
+  # Newton-Schulz, scaled to RMS 0.2.
+  head = heads[True]
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert 0.15 < rms(head) < 0.25
+  direction = normalized_optax.scale_by_normalized_mlp(lopt.at_use(), theta)
+  d, _ = direction.update(grads, direction.init(params), params)
+  ortho = np.asarray(orthogonalize_via_newton_schulz(
+      d["Dense_2"]["kernel"], jnp.asarray(features.NS_COEFFS), features.NS_STEPS))
+  np.testing.assert_allclose(head / rms(head), -ortho / rms(ortho), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="harness_learned_head must be True or False, got 1"):
+    lo.NormalizedMLP(harness_learned_head=1)
