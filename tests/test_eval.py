@@ -160,6 +160,17 @@ def test_evaluate_suite_writes_results_and_resumes(tmp_path):
   assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
 
 
+def test_report_sums_each_optimizers_wall_time_and_counts_cached_entries():
+  r = lambda wall, cached=False: {"wall_s": wall, "cached": cached}
+  results = {"tasks": {"a": {"optimizers": {"adam": r(60.0, True), "mine": r(30.0)}},
+                       "b": {"optimizers": {"adam": r(120.0), "mine": r(90.0)}}}}
+  compute = report.compute_minutes(results)
+  assert compute == {"adam": {"minutes": 3.0, "tasks": 2, "cached": 1},
+                     "mine": {"minutes": 2.0, "tasks": 2, "cached": 0}}
+  text = "\n".join(report._compute_section(results, ["adam", "mine"]))
+  assert "The baselines together: 3 min" in text and "| mine | 2 | 2.0 | 0 |" in text
+
+
 # ---- suites and stress tasks -----------------------------------------------------------
 def test_rescaled_family_same_loss_at_rescaled_params():
   base = tasks.QuadraticFamily(dim=4)

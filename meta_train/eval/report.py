@@ -138,6 +138,37 @@ def _speed(r: dict) -> str:
   return f"<{r['speedup_bound']:.2f}x" if r.get("speedup_bound") is not None else "n/a"
 
 
+def compute_minutes(results: dict) -> dict[str, dict]:
+  """Per optimizer: its wall time summed over the tasks it ran (minutes, as recorded when
+  each result was computed: cached entries keep their original time), the tasks counted
+  and how many of them came from the cache."""
+  out = {}
+  for t in results["tasks"].values():
+    for opt, r in t["optimizers"].items():
+      c = out.setdefault(opt, {"minutes": 0.0, "tasks": 0, "cached": 0})
+      c["minutes"] += float(r.get("wall_s") or 0.0) / 60.0
+      c["tasks"] += 1
+      c["cached"] += bool(r.get("cached"))
+  return out
+
+
+def _compute_section(results: dict, opts: list[str]) -> list[str]:
+  compute = compute_minutes(results)
+  baselines = sum(compute[o]["minutes"] for o in opts if o in compute and o in BASELINES)
+  lines = ["## Compute", "",
+           "Wall time of each optimizer's whole protocol (its learning-rate grid on the tuning "
+           "seeds, then the chosen rate on the others), summed over tasks, as recorded when "
+           "each result was computed (a cached baseline keeps the time of the run that made "
+           f"it, on whatever machine and load that was). The baselines together: "
+           f"{baselines:.0f} min, a one-time cost that the cache saves every later run.", "",
+           "| optimizer | tasks | wall time (min) | from cache |", "|---|---:|---:|---:|"]
+  for opt in opts:
+    if opt in compute:
+      c = compute[opt]
+      lines.append(f"| {opt} | {c['tasks']} | {c['minutes']:.1f} | {c['cached']} |")
+  return lines + [""]
+
+
 def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SPEEDUP_PNG,
            title: str = "lopt evaluation") -> str:
   """The report's markdown text."""
@@ -200,6 +231,7 @@ def render(results: dict, *, curves_png: str = CURVES_PNG, speedup_png: str = SP
       lines.append(f"| {opt} | {lr} | {_fmt(loss, '.4g')} | {ratio} | {_fmt(r['test_loss'], '.4g')} "
                    f"| {_speed(r)} | {'**yes**' if M.result_diverged(r) else 'no'} |")
     lines.append("")
+  lines += _compute_section(results, opts)
   full = {n: t for n, t in results["tasks"].items() if t["full_batch"]}
   if full:
     lines += ["## Full-batch tasks: does the loss ever increase?", "",
