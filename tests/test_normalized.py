@@ -1,5 +1,6 @@
 """`NormalizedMLP`: unit-RMS learned directions, their optax transforms, the Newton-Schulz /
 AdamW harness, meta-training's schedule, checkpoints, the fused path and evaluation."""
+import dataclasses
 import pathlib
 
 import jax
@@ -304,6 +305,11 @@ def test_shipped_config_builds():
   assert lopt.hidden_sizes == (8, 8) and lopt.meta_train_lr == 3e-3 and lopt.meta_train_harness
   assert cfg.task.param_scale_range == (0.5, 2.0)
   assert cfg.task.families == ("mlp_mnist8x8", "mlp_synthetic8x8", "mlp_synthetic8x8_hard")
+  assert not lopt.harness_learned_head
+  # The learned-head variant differs in that field and its name only.
+  head = config_lib.load_config(str(CONFIGS / "pretrain_normalized_head.yaml"))
+  assert config_lib.build_lopt(head.lopt) == lopt.replace(harness_learned_head=True)
+  assert dataclasses.replace(head, name=cfg.name, lopt=cfg.lopt) == cfg
 
 
 def test_meta_training_through_the_harness_runs_normalized_mlp_under_the_schedule():
