@@ -48,7 +48,7 @@ from flax import struct
 from learned_opt import features as feats
 from learned_opt import fused as fused_lib
 from learned_opt import normalized_optax
-from learned_opt.base import LearnedOptimizer, cast_like, check_positive, sanitize
+from learned_opt.base import LearnedOptimizer, cast_like, check_positive, horizon_array, sanitize
 from learned_opt.baselines.scheduled import WARMUP_FRACTION
 
 _init = jax.nn.initializers.lecun_normal()
@@ -261,11 +261,11 @@ class NormalizedMLP(LearnedOptimizer):
 
   def init(self, meta_params, params, *, num_steps=None):
     lr = jnp.asarray(self.meta_train_lr or 0.0, jnp.float32)
-    fstate = feats.init_state(self.spec, params, num_steps)
-    if self.meta_train_harness:
+    if self.meta_train_harness:  # the chain holds the features' state
       chain = self._harness(meta_params, lambda count: lr, num_steps).init(params)
-      return HarnessedState(chain, lr, jnp.zeros((), jnp.int32), fstate.num_steps)
-    return NormalizedMLPState(fstate, lr)
+      horizon = horizon_array(num_steps, required=self.spec.needs_horizon, who="this optimizer")
+      return HarnessedState(chain, lr, jnp.zeros((), jnp.int32), horizon)
+    return NormalizedMLPState(feats.init_state(self.spec, params, num_steps), lr)
 
   def at_use(self) -> "NormalizedMLP":
     """This architecture without its meta-training settings (what runs at use)."""
