@@ -284,6 +284,22 @@ def test_candidates_tune_a_learning_rate_taking_optimizer(tmp_path):
   assert res["final_train_loss"] < 0.5 * res["initial_loss"]
   safe = candidates.resolve("saferate+" + str(tmp_path / "n.lopt"))
   assert safe.grid == () and safe.kind == "learned"
+  # NAME@LR: untuned, at that peak rate: the tuned run's losses at that rate.
+  fixed = candidates.resolve(str(tmp_path / "n.lopt") + "@0.1")
+  assert fixed.name == "n@0.1" and fixed.grid == () and fixed.kind == "learned"
+  keys = evaluation.seed_keys(1)
+  at_rate = evaluation.run_grid(task, jnp.zeros((1,)), keys, fixed.aux, make=fixed.make,
+                                num_steps=30, full_batch=True)[0]
+  tuned = evaluation.run_grid(task, jnp.asarray([0.1]), keys, cand.aux, make=cand.make,
+                              num_steps=30, full_batch=True)[0]
+  np.testing.assert_allclose(at_rate, tuned, rtol=1e-6)
+  for bad in ("@0", "@fast", "@-1"):
+    with pytest.raises(ValueError, match="expected a positive learning rate after '@'"):
+      candidates.resolve(str(tmp_path / "n.lopt") + bad)
+  lo.save(tmp_path / "h.lopt", lo.PerParamMLP(hidden_sizes=(2,)),
+          lo.PerParamMLP(hidden_sizes=(2,)).init_meta_params(jax.random.key(0)))
+  with pytest.raises(ValueError, match="takes no learning rate; drop '@0.1'"):
+    candidates.resolve(str(tmp_path / "h.lopt") + "@0.1")
 
 
 @pytest.mark.slow

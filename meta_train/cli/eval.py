@@ -21,8 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p = sub.add_parser("eval", help="evaluate learned optimizers against tuned Adam, Muon and "
                      "SafeRate on a held-out suite")
   p.add_argument("--optimizer", action="append", default=None, metavar="NAME_OR_PATH",
-                 help="a shipped learned optimizer, a .lopt file, or saferate+<either> "
-                 "(repeatable; default: every shipped optimizer)")
+                 help="a shipped learned optimizer, a .lopt file, or saferate+<either>; "
+                 "one that takes a learning rate is tuned over the grid, or run at one peak "
+                 "rate with NAME@LR (e.g. run/final.lopt@1e-2) (repeatable; default: every "
+                 "shipped optimizer)")
   p.add_argument("--pretrained", action="store_true",
                  help="also evaluate every shipped learned optimizer (with --optimizer)")
   p.add_argument("--suite", default="heldout",

@@ -11,6 +11,8 @@ Hand-designed baselines come from one table, `BASELINES`: adding one is one entr
 names `resolve` understands:
   NAME or PATH.lopt   a shipped (`learned_opt.list_pretrained()`) or saved learned optimizer
   saferate+NAME       SafeRate around that learned optimizer's direction
+  NAME@LR             one that takes a learning rate, at that peak rate only (untuned:
+                      the "single default rate" protocol), e.g. `run/final.lopt@1e-2`
 
 A learned optimizer whose class takes a learning rate (`takes_learning_rate`, e.g.
 `NormalizedMLP`: it outputs a unit-RMS direction) is run as `adamw_cosine` is: its peak
@@ -207,6 +209,12 @@ def _learned(lr, aux, num_steps):
       optax.scale_by_learning_rate(schedule))
 
 
+def _learned_at_rate(lr, aux, num_steps):
+  del lr  # the grid's dummy: the rate travels in aux
+  lopt, meta_params, rate = aux
+  return _learned(rate, (lopt, meta_params), num_steps)
+
+
 def _saferate_learned(lr, aux, num_steps):
   del lr
   lopt, meta_params = aux
@@ -258,8 +266,29 @@ def resolve(name: str, *, lr_grid: tuple[float, ...] = DEFAULT_LR_GRID) -> Candi
     inner, lopt, meta_params, sha = _load_learned(name[len(SAFERATE_PREFIX):])
     return Candidate(SAFERATE_PREFIX + inner, _saferate_learned, (), (lopt, meta_params),
                      "learned", sha)
+  # A rate suffix: after the last '@', outside any folder name of a path.
+  name, at, rate = (name.rpartition("@") if "@" in name.rsplit(os.sep, 1)[-1]
+                    else (name, "", ""))
   label, lopt, meta_params, sha = _load_learned(name)
+  if at:
+    lr = _parse_rate(rate, name)
+    if not learned_opt.takes_learning_rate(lopt):
+      raise ValueError(f"{name!r}@{rate}: this learned optimizer ({type(lopt).__name__}) takes "
+                       f"no learning rate; drop '@{rate}'")
+    return Candidate(f"{label}@{lr:g}", _learned_at_rate, (), (lopt, meta_params, lr), "learned",
+                     f"{sha}:{LEARNED_LR_PROTOCOL}:lr{lr!r}")
   return learned_candidate(label, lopt, meta_params, weights_sha256=sha, lr_grid=lr_grid)
+
+
+def _parse_rate(text: str, name: str) -> float:
+  try:
+    lr = float(text)
+  except ValueError:
+    lr = float("nan")
+  if not lr > 0 or lr == float("inf"):
+    raise ValueError(f"{name}@{text}: expected a positive learning rate after '@', e.g. "
+                     f"{name}@1e-2")
+  return lr
 
 
 def learned_candidate(label: str, lopt, meta_params, *, weights_sha256: str = "",

@@ -127,7 +127,9 @@ def _kind(results: dict, opt: str) -> str:
     r = t["optimizers"].get(opt)
     if r is not None:
       if r["kind"] == "learned":
-        return "learned, tuned lr" if r.get("lr") is not None else "learned, as is"
+        if r.get("lr") is not None:
+          return "learned, tuned lr"
+        return "learned, fixed lr" if "@" in opt else "learned, as is"
       return "tuned lr" if r["kind"] == "tuned" else "as is"
   return "?"
 
