@@ -15,6 +15,7 @@ from learned_opt.meta_train.cli import main
 from learned_opt.meta_train.estimators.base import GradEstimate
 from learned_opt.meta_train.learner.outer import apply_estimate, init_learner, make_outer_optimizer
 from learned_opt.meta_train.learner.trainer import MetaTrainer
+from learned_opt.meta_train.run import ship
 from learned_opt.meta_train.run.runner import run_meta_training
 
 # A seconds-long run: learned SGD step size on 32-d quadratics.
@@ -132,6 +133,16 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     run_meta_training(cfg, str(tmp_path / "split"), progress=False)
   monkeypatch.setattr(MetaTrainer, "step", original)
   assert run_checkpoint.latest_checkpoint(str(tmp_path / "split" / "checkpoints"))[0] == 4
+  # A stopped run exports nothing itself; `lopt export` writes its newest checkpoint.
+  assert not os.path.exists(tmp_path / "split" / "final.lopt")
+  path, step = ship.export_run(str(tmp_path / "split"))
+  assert step == 4 and path.endswith("step_4.lopt") and learned_opt.load(path)[2]["outer_steps"] == 4
+  init_path, _ = ship.export_run(str(tmp_path / "split"), str(tmp_path / "init.lopt"), init=True)
+  lopt = config_lib.build_lopt(cfg.lopt)
+  assert _leaves_equal(learned_opt.load(init_path)[1], lopt.init_meta_params(jax.random.key(cfg.seed)))
+  assert not _leaves_equal(learned_opt.load(path)[1], learned_opt.load(init_path)[1])
+  with pytest.raises(ValueError, match="has no config.yaml"):
+    ship.export_run(str(tmp_path))
   with pytest.raises(ValueError, match="--resume"):
     run_meta_training(cfg, str(tmp_path / "split"), progress=False)
   other = config_lib.load_config(None, QUICK + ["estimator.sigma=0.1"])
@@ -145,6 +156,8 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
   assert steps == [1, 2, 3, 4, 5, 6]
   lopt, theta, info = learned_opt.load(resumed.export_path)
   assert info["outer_steps"] == 6 and _leaves_equal(theta, whole.learner.meta_params)
+  path, step = ship.export_run(str(tmp_path / "split"))
+  assert step == 6 and _leaves_equal(learned_opt.load(path)[1], theta)
 
 
 def test_cli_meta_train_and_plot(tmp_path, capsys):
@@ -153,6 +166,10 @@ def test_cli_meta_train_and_plot(tmp_path, capsys):
                *[a for s in QUICK for a in ("--set", s)]]) == 0
   assert os.path.exists(os.path.join(out, "final.lopt"))
   assert main(["plot", out]) == 0
+  assert main(["export", out, "--out", str(tmp_path / "mine.lopt")]) == 0
+  assert "mine.lopt (outer step 6)" in capsys.readouterr().out
+  assert main(["export", str(tmp_path)]) == 2
+  assert "has no config.yaml" in capsys.readouterr().err
   for name in ("meta_loss.png", "grad_norm.png"):
     with open(os.path.join(out, "plots", name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"

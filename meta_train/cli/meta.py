@@ -1,4 +1,4 @@
-"""`lopt meta-train CONFIG` and `lopt plot RUN`."""
+"""`lopt meta-train CONFIG`, `lopt export RUN` and `lopt plot RUN`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 
 from learned_opt.meta_train.run import checkpoint as run_checkpoint
 from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run import ship
 from learned_opt.meta_train.run.plot import plot_run
 from learned_opt.meta_train.run.rundir import CHECKPOINT_DIR, CONFIG_FILE
 from learned_opt.meta_train.run.runner import run_meta_training
@@ -28,6 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
   p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                  help="join this Ray cluster instead of starting a local Ray (needs --workers)")
   p.set_defaults(func=_meta_train)
+
+  p = sub.add_parser("export", help="write a run's newest checkpoint (or its initialization) "
+                     "as a .lopt file, e.g. to evaluate a run stopped early")
+  p.add_argument("run", help="run folder written by `lopt meta-train`")
+  p.add_argument("--out", default=None, help="the .lopt file (default: RUN/step_<N>.lopt)")
+  p.add_argument("--init", action="store_true",
+                 help="export the config's initialization (the untrained optimizer) instead")
+  p.set_defaults(func=_export)
 
   p = sub.add_parser("plot", help="plot a meta-training run's meta-loss and gradient norm (PNG)")
   p.add_argument("run", help="run folder written by `lopt meta-train`")
@@ -94,4 +103,10 @@ def _meta_train(args) -> int:
 def _plot(args) -> int:
   for path in plot_run(args.run, args.out, smooth=args.smooth):
     print(path)
+  return 0
+
+
+def _export(args) -> int:
+  path, step = ship.export_run(args.run, args.out, init=args.init)
+  print(f"{path} (outer step {step})")
   return 0

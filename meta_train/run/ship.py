@@ -1,4 +1,5 @@
-"""Package a finished meta-training run as a shipped checkpoint with a full header.
+"""Package a finished meta-training run as a shipped checkpoint with a full header, and
+export any run's newest checkpoint (or its initialization) as a `.lopt` file.
 
 A shipped `.lopt` file carries, in its JSON header `info`: the run's config, the code
 version (git commit) it was trained with, a summary of the meta-training curve and wall
@@ -12,10 +13,16 @@ import os
 import subprocess
 from typing import Optional
 
+import jax
 import numpy as np
 import yaml
+from flax import serialization
 
 import learned_opt
+from learned_opt.meta_train.run import build
+from learned_opt.meta_train.run import checkpoint as run_checkpoint
+from learned_opt.meta_train.run import config as config_lib
+from learned_opt.meta_train.run.rundir import CHECKPOINT_DIR, CONFIG_FILE
 
 
 def code_version(repo_dir: Optional[str] = None) -> str:
@@ -89,3 +96,53 @@ def ship(run_dir: str, dest: str, *, wall_time_s: Optional[float] = None,
     info["heldout"] = heldout_summary(results, name)
   learned_opt.save(dest, lopt, meta_params, info)
   return dest
+
+
+def export_run(run_dir: str, dest: Optional[str] = None, *, init: bool = False) -> tuple[str, int]:
+  """Writes the meta-parameters of a run's newest checkpoint (a run stopped before its
+  `num_steps` exports nothing itself), or with `init` its config's initialization, as a
+  `.lopt` file; returns (its path, the outer step it holds).
+
+  Args:
+    run_dir: a `lopt meta-train` run folder (config.yaml and checkpoints/).
+    dest: the file to write (default: RUN/step_<N>.lopt, or RUN/init.lopt).
+    init: export `lopt.init_meta_params(key(seed))` of the run's config instead.
+
+  Raises:
+    ValueError: not a run folder, no checkpoint yet, or a checkpoint that does not fit
+      the run's config (named with the path).
+  """
+  config_path = os.path.join(run_dir, CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise ValueError(f"{run_dir!r} has no {CONFIG_FILE}: expected a `lopt meta-train` run folder")
+  cfg = config_lib.load_config(config_path)
+  lopt = build.build_lopt(cfg.lopt)
+  meta_params = jax.jit(lopt.init_meta_params)(jax.random.key(cfg.seed))
+  step = 0
+  if not init:
+    latest = run_checkpoint.latest_checkpoint(os.path.join(run_dir, CHECKPOINT_DIR))
+    if latest is None:
+      raise ValueError(f"{run_dir!r} has no checkpoint yet (export its initialization with init)")
+    step, path = latest
+    with open(path, "rb") as f:
+      state = serialization.msgpack_restore(f.read())
+    try:
+      saved = state["learner"]["meta_params"]
+      restored = serialization.from_state_dict(meta_params, saved)
+      jax.tree.map(_check_leaf, meta_params, restored)
+      meta_params = jax.tree.map(jax.numpy.asarray, restored)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"checkpoint {path} does not hold meta-parameters of this run's "
+                       f"architecture: {e}") from e
+  dest = dest or os.path.join(run_dir, "init.lopt" if init else f"step_{step}.lopt")
+  learned_opt.save(dest, lopt, meta_params,
+                   {"run": cfg.name, "outer_steps": step, "families": list(cfg.task.families),
+                    "config": config_lib.config_to_dict(cfg),
+                    "code_version": code_version(run_dir)})
+  return dest, step
+
+
+def _check_leaf(template, x):
+  if np.shape(x) != np.shape(template):
+    raise ValueError(f"array of shape {np.shape(x)} where the architecture has "
+                     f"{np.shape(template)}")
