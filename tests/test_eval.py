@@ -315,3 +315,20 @@ def test_eval_workers_exit_when_the_eval_process_is_killed(tmp_path):
   if still:
     os.kill(worker, 9)
   assert not still, f"pool worker {worker} outlived its killed parent"
+
+
+@pytest.mark.slow
+def test_worker_processes_write_each_task_in_suite_order_and_log_each_optimizer(tmp_path, capfd):
+  out = str(tmp_path / "run")
+  res = evaluation.evaluate_suite("heldout_offline", ["prodigy", "adam_hd"], out_dir=out, seeds=1,
+                                  tasks=["mlp_rgb32_synthetic", "mlp_wide_synthetic"], workers=2,
+                                  progress=False)
+  assert list(res["tasks"]) == ["mlp_wide_synthetic", "mlp_rgb32_synthetic"]  # the suite's order
+  assert list(evaluation.load_results(out)["tasks"]) == list(res["tasks"])
+  for t in res["tasks"].values():
+    assert set(t["optimizers"]) == {"prodigy", "adam_hd"} and "task" not in t
+    assert t["optimizers"]["adam_hd"]["final_train_loss"] < t["optimizers"]["adam_hd"]["initial_loss"]
+  err = capfd.readouterr().err
+  for task in res["tasks"]:
+    for name in ("prodigy", "adam_hd"):
+      assert f"eval {task}: {name} done (" in err, err

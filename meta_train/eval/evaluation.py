@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -227,8 +228,22 @@ def _task_worker(job: str) -> str:
   result_cache = cache.ResultCache(job["cache_dir"]) if job.get("cache_dir") else None
   return json.dumps(M.jsonable(evaluate_task(
       suite_task, cands, seeds=job["seeds"], first_seed=job["first_seed"],
-      data_dir=job["data_dir"], tune_seeds=job["tune_seeds"], result_cache=result_cache)),
+      data_dir=job["data_dir"], tune_seeds=job["tune_seeds"], result_cache=result_cache,
+      on_candidate=_log_candidate(job["task"]) if job.get("log") else None)) | {"task": job["task"]},
       allow_nan=False)
+
+
+def _log_candidate(task: str):
+  """`on_candidate` that prints one line per finished optimizer (a long evaluation run
+  without a progress bar, e.g. in the background, shows where it is)."""
+  start = [time.perf_counter()]
+
+  def log(name):
+    now = time.perf_counter()
+    print(f"eval {task}: {name} done ({(now - start[0]) / 60:.1f} min)", file=sys.stderr,
+          flush=True)
+    start[0] = now
+  return log
 
 
 def _reusable(old: dict, new: dict, specs: dict, candidates) -> dict:
@@ -322,6 +337,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     order = [n for n in results["optimizers"] if n in result["optimizers"]]
     result["optimizers"] = {n: result["optimizers"][n] for n in order}
     results["tasks"][name] = M.jsonable(add_speedups(result, reference))
+    results["tasks"] = {n: results["tasks"][n] for n in [*specs, *results["tasks"]]
+                        if n in results["tasks"]}  # the suite's order, whatever finished first
     results["summary"] = M.summarize(results["tasks"], reference=reference)
     _write_json(path, results)
 
@@ -331,31 +348,36 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
       for name, missing in todo.items():
         if bar is not None:
           bar.set_postfix(task=name)
+        on_candidate = (lambda _: bar.update(1)) if bar is not None else _log_candidate(name)
         done(name, evaluate_task(specs[name], missing, seeds=seeds, first_seed=first_seed,
-                                 data_dir=data_dir, on_candidate=lambda _: bar and bar.update(1),
+                                 data_dir=data_dir, on_candidate=on_candidate,
                                  tune_seeds=tune_seeds, result_cache=result_cache))
     else:
       by_name = dict(zip([c.name for c in candidates], optimizers))
       jobs = [json.dumps({"suite": suite, "task": n, "lr_grid": list(lr_grid), "seeds": seeds,
                           "optimizers": [by_name[c.name] for c in missing],
                           "first_seed": first_seed, "data_dir": data_dir,
-                          "tune_seeds": tune_seeds, "cache_dir": cache_dir})
+                          "tune_seeds": tune_seeds, "cache_dir": cache_dir, "log": not progress})
               for n, missing in todo.items()]
       if ray_address is not None:
         ray_mp = _extras.require("ray.util.multiprocessing", purpose="lopt eval --ray")
         pool = ray_mp.Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
-        outputs = pool.imap(_task_worker, jobs)
+        outputs = pool.imap_unordered(_task_worker, jobs)
       else:
         # spawn: a forked JAX process can deadlock.
         pool = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=exit_with_parent, initargs=(os.getpid(),))
-        outputs = pool.map(_task_worker, jobs)
+        outputs = (f.result() for f in concurrent.futures.as_completed(
+            [pool.submit(_task_worker, job) for job in jobs]))
       try:
-        for (name, missing), out in zip(todo.items(), outputs):
-          done(name, json.loads(out))
+        # Each task is written as soon as it finishes, whichever finishes first.
+        for out in outputs:
+          result = json.loads(out)
+          name = result["task"]
+          done(name, {k: v for k, v in result.items() if k != "task"})
           if bar is not None:
-            bar.update(len(missing))
+            bar.update(len(todo[name]))
       finally:
         pool.close() if ray_address is not None else pool.shutdown()
   finally:
