@@ -37,8 +37,18 @@ def _order(results: dict) -> list[str]:
   return [b for b in BASELINES if b in names] + [n for n in names if n not in BASELINES]
 
 
-def _color(i: int) -> str:
-  return f"C{i % 10}"
+def _color(i: int):
+  """Distinct colors for up to 20 optimizers (matplotlib's tab20, dark shades first)."""
+  import matplotlib
+  cmap = matplotlib.colormaps["tab20"]
+  return cmap((2 * i) % 20 + (i // 10) % 2)
+
+
+def _style(results: dict, opt: str) -> dict:
+  """Learned optimizers drawn thicker and dashed, so they stand out among the baselines."""
+  if opt in BASELINES:
+    return {"lw": 1.1, "ls": "-"}
+  return {"lw": 2.0, "ls": "--"}
 
 
 def plot_curves(results: dict, path: str) -> None:
@@ -48,27 +58,38 @@ def plot_curves(results: dict, path: str) -> None:
   n = len(tasks)
   cols = min(3, n)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(max(12.0, 5.0 * cols), 3.8 * rows), squeeze=False)
+  order = _order(results)
+  fig, axes = plt.subplots(rows, cols, figsize=(max(12.0, 5.0 * cols), 3.8 * rows + 0.9),
+                           squeeze=False)
+  handles = {}
   for ax, (name, t) in zip(axes.flat, tasks.items()):
-    positive = True
-    for i, opt in enumerate(_order(results)):
+    curves = {o: [math.nan if y is None else y for y in t["optimizers"][o]["curve"]]
+              for o in order if o in t["optimizers"]}
+    # Log scale unless a loss is negative; a loss that underflowed to exactly 0 is left
+    # out of the log plot rather than forcing a linear one.
+    positive = all(y >= 0 for ys in curves.values() for y in ys if not math.isnan(y))
+    for i, opt in enumerate(order):
       r = t["optimizers"].get(opt)
       if r is None:
         continue
-      ys = [math.nan if y is None else y for y in r["curve"]]
-      positive &= all(y > 0 for y in ys if not math.isnan(y))
-      label = opt + (f" (lr {r['lr']:.2g})" if r.get("lr") else "")
-      ax.plot(r["curve_steps"], ys, label=label, lw=1.2, color=_color(i))  # same color in every panel
+      ys = [math.nan if positive and y == 0 else y for y in curves[opt]]
+      # Same color and style in every panel; one legend for the figure (the rates each
+      # tuned optimizer chose are in the report's per-task tables).
+      (line,) = ax.plot(r["curve_steps"], ys, color=_color(i), **_style(results, opt))
+      handles.setdefault(opt, line)
     if positive:
       ax.set_yscale("log")
     ax.set_title(name, fontsize=11)
     ax.set_xlabel("step", fontsize=10)
     ax.set_ylabel("training loss (seed mean)", fontsize=10)
     ax.tick_params(labelsize=9)
-    ax.legend(fontsize=8)
   for ax in list(axes.flat)[n:]:
     ax.axis("off")
-  fig.tight_layout()
+  ncol = min(len(handles), 6)
+  fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=ncol, fontsize=9,
+             frameon=False, bbox_to_anchor=(0.5, 1.0))
+  legend_rows = math.ceil(len(handles) / max(ncol, 1))
+  fig.tight_layout(rect=(0, 0, 1, 1 - (0.3 * legend_rows + 0.1) / fig.get_figheight()))
   fig.savefig(path, dpi=DPI)
   plt.close(fig)
 
