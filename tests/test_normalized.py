@@ -322,9 +322,10 @@ def test_shipped_config_builds():
   assert cfg.task.param_scale_range == (0.5, 2.0)
   assert cfg.task.families == ("mlp_mnist8x8", "mlp_synthetic8x8", "mlp_synthetic8x8_hard")
   assert not lopt.harness_learned_head
-  # The learned-head variant differs in that field and its name only.
+  # The learned-head variant differs in that field, the peak rates and its name only.
   head = config_lib.load_config(str(CONFIGS / "pretrain_normalized_head.yaml"))
-  assert config_lib.build_lopt(head.lopt) == lopt.replace(harness_learned_head=True)
+  assert config_lib.build_lopt(head.lopt) == lopt.replace(
+      harness_learned_head=True, meta_train_lr=0.015, meta_train_lr_max=0.06)
   assert dataclasses.replace(head, name=cfg.name, lopt=cfg.lopt) == cfg
 
 
