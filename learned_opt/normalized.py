@@ -332,6 +332,10 @@ class NormalizedMLP(LearnedOptimizer):
 
   def _unit_outputs(self, theta, grads, fstate, params, *, loss):
     """The per-tensor normalized network outputs (float32 tree) and the new features."""
+    if not jax.tree.leaves(params):
+      # Nothing to update: the harness's learned part of a model with no hidden matrix
+      # (a linear model, a quadratic: every leaf goes to AdamW).
+      return grads, fstate
     spec = self.spec
     f, fstate = feats.compute(spec, grads, params, fstate, loss=loss)
     glob = f.global_ if f.global_.shape[0] else jnp.zeros((1,))

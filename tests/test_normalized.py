@@ -458,3 +458,18 @@ def test_harness_learned_head_sends_the_head_through_the_learned_rule():
   np.testing.assert_allclose(head / rms(head), -ortho / rms(ortho), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="harness_learned_head must be True or False, got 1"):
     lo.NormalizedMLP(harness_learned_head=1)
+
+
+def test_harness_runs_models_without_a_hidden_matrix():
+  """A model whose every leaf goes to AdamW (a vector, a linear classifier's head and
+  bias) leaves the learned part empty: the harness is then AdamW, not an error."""
+  lopt = lo.NormalizedMLP(fused="xla", meta_train_lr=1e-2, meta_train_harness=True)
+  theta = lopt.init_meta_params(jax.random.key(0))
+  params = {"x": jnp.ones((5,)), "head": {"kernel": jnp.ones((5, 3)), "bias": jnp.zeros((3,))}}
+  grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+  tx = lo.to_optax(lopt, theta, learning_rate=1e-2)
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  ref, _ = optax.adamw(1e-2, weight_decay=0.0).update(grads, optax.adamw(1e-2).init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u, ref)
+  u_meta, _ = jax.jit(lambda s: lopt.update(theta, grads, s, params))(lopt.init(theta, params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u_meta, ref)
