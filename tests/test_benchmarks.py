@@ -89,3 +89,27 @@ def test_estimator_snr_and_meta_validation_run(tmp_path):
                           "lopt.options.meta_train_harness=false"}
   for r in results.values():  # both train the task: the loss falls
     assert 0.0 < r["tuned"] < 1.0 and len(r["per_lr"]) == 2
+
+
+def test_eval_cost_projects_runs_times_budget():
+  import eval_cost  # noqa: E402  (benchmarks/ is on the path)
+  from learned_opt.meta_train.eval import candidates
+  assert eval_cost.runs(candidates.resolve("adam"), seeds=3, tune_seeds=1) == 7 + 2
+  assert eval_cost.runs(candidates.resolve("adam"), seeds=3, tune_seeds=3) == 21
+  assert eval_cost.runs(candidates.resolve("prodigy"), seeds=3, tune_seeds=1) == 3
+
+
+@pytest.mark.slow
+def test_eval_cost_runs(tmp_path):
+  import learned_opt as lo
+  lopt = lo.NormalizedMLP(hidden_sizes=(4, 4), meta_train_lr=3e-3, meta_train_harness=True)
+  lo.save(tmp_path / "n.lopt", lopt, lopt.init_meta_params(jax.random.key(0)))
+  stdout = _run([str(_BENCH / "eval_cost.py"), "--suite", "heldout_offline", "--tasks",
+                 "mlp_wide_synthetic,quadratic_wide_noisy", "--optimizer", "n.lopt", "--steps", "2"],
+                tmp_path)
+  lines = [l.split() for l in stdout.splitlines() if l.startswith(("mlp_wide", "quadratic_wide"))]
+  assert [(l[0], l[1]) for l in lines] == [
+      ("mlp_wide_synthetic", "adam"), ("mlp_wide_synthetic", "n"),
+      ("quadratic_wide_noisy", "adam"), ("quadratic_wide_noisy", "n")]
+  assert all(float(l[2]) > 0 and int(l[4]) == 9 for l in lines)
+  assert "suite heldout_offline: n projected" in stdout
