@@ -29,12 +29,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import serialization
 
 import learned_opt
 from learned_opt.meta_train.eval import candidates as eval_candidates
 from learned_opt.meta_train.inner import loop
 from learned_opt.meta_train.run import build
+from learned_opt.meta_train.run import ship
 from learned_opt.meta_train.run import config as config_lib
 from learned_opt.tasks import get_family
 
@@ -42,9 +42,7 @@ from learned_opt.tasks import get_family
 def _meta_params(path: str, template):
   if path.endswith(".lopt"):
     return learned_opt.load(path)[1]
-  with open(path, "rb") as f:
-    raw = serialization.msgpack_restore(f.read())
-  return serialization.from_state_dict(template, raw["learner"]["meta_params"])
+  return ship.checkpoint_meta_params(path, template)
 
 
 def main():

@@ -143,6 +143,9 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
   assert not _leaves_equal(learned_opt.load(path)[1], learned_opt.load(init_path)[1])
   with pytest.raises(ValueError, match="has no config.yaml"):
     ship.export_run(str(tmp_path))
+  (tmp_path / "torn.msgpack").write_bytes(b"\x85\xa7learner")
+  with pytest.raises(ValueError, match="torn.msgpack does not hold meta-parameters"):
+    ship.checkpoint_meta_params(str(tmp_path / "torn.msgpack"), lopt.init_meta_params(jax.random.key(0)))
   with pytest.raises(ValueError, match="--resume"):
     run_meta_training(cfg, str(tmp_path / "split"), progress=False)
   other = config_lib.load_config(None, QUICK + ["estimator.sigma=0.1"])

@@ -44,7 +44,7 @@ def _color(i: int):
   return cmap((2 * i) % 20 + (i // 10) % 2)
 
 
-def _style(results: dict, opt: str) -> dict:
+def _style(opt: str) -> dict:
   """Learned optimizers drawn thicker and dashed, so they stand out among the baselines."""
   if opt in BASELINES:
     return {"lw": 1.1, "ls": "-"}
@@ -75,7 +75,7 @@ def plot_curves(results: dict, path: str) -> None:
       ys = [math.nan if positive and y == 0 else y for y in curves[opt]]
       # Same color and style in every panel; one legend for the figure (the rates each
       # tuned optimizer chose are in the report's per-task tables).
-      (line,) = ax.plot(r["curve_steps"], ys, color=_color(i), **_style(results, opt))
+      (line,) = ax.plot(r["curve_steps"], ys, color=_color(i), **_style(opt))
       handles.setdefault(opt, line)
     if positive:
       ax.set_yscale("log")

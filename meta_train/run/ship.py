@@ -124,22 +124,32 @@ def export_run(run_dir: str, dest: Optional[str] = None, *, init: bool = False) 
     if latest is None:
       raise ValueError(f"{run_dir!r} has no checkpoint yet (export its initialization with init)")
     step, path = latest
-    with open(path, "rb") as f:
-      state = serialization.msgpack_restore(f.read())
-    try:
-      saved = state["learner"]["meta_params"]
-      restored = serialization.from_state_dict(meta_params, saved)
-      jax.tree.map(_check_leaf, meta_params, restored)
-      meta_params = jax.tree.map(jax.numpy.asarray, restored)
-    except (KeyError, TypeError, ValueError) as e:
-      raise ValueError(f"checkpoint {path} does not hold meta-parameters of this run's "
-                       f"architecture: {e}") from e
+    meta_params = checkpoint_meta_params(path, meta_params)
   dest = dest or os.path.join(run_dir, "init.lopt" if init else f"step_{step}.lopt")
   learned_opt.save(dest, lopt, meta_params,
                    {"run": cfg.name, "outer_steps": step, "families": list(cfg.task.families),
                     "config": config_lib.config_to_dict(cfg),
                     "code_version": code_version(run_dir)})
   return dest, step
+
+
+def checkpoint_meta_params(path: str, template):
+  """The learner's meta-parameters in a run checkpoint, in the structure of `template`
+  (the architecture's `init_meta_params`).
+
+  Raises:
+    ValueError: an unreadable file, or one without meta-parameters of that shape.
+  """
+  try:
+    with open(path, "rb") as f:
+      state = serialization.msgpack_restore(f.read())
+    saved = state["learner"]["meta_params"]
+    restored = serialization.from_state_dict(template, saved)
+    jax.tree.map(_check_leaf, template, restored)
+  except Exception as e:  # msgpack raises several types on a truncated or foreign file
+    raise ValueError(f"checkpoint {path} does not hold meta-parameters of this "
+                     f"architecture: {e}") from e
+  return jax.tree.map(jax.numpy.asarray, restored)
 
 
 def _check_leaf(template, x):
