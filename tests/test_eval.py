@@ -214,6 +214,26 @@ def test_bad_names_fail_clearly(capsys):
                               progress=False)
 
 
+def test_baselines_only_fills_the_cache_without_learned_optimizers(tmp_path, capsys):
+  cache, out = tmp_path / "cache", tmp_path / "run"
+  args = ["eval", "--baselines-only", "--suite", "heldout_offline", "--tasks",
+          "quadratic_illcond_long", "--seeds", "1", "--baselines", "adam,adamw_cosine",
+          "--cache", str(cache), "--no-progress"]
+  assert cli.main(args + ["--out", str(out)]) == 0
+  with open(out / evaluation.RESULTS_FILE) as f:
+    ran = json.load(f)["tasks"]["quadratic_illcond_long"]["optimizers"]
+  assert set(ran) == {"adam", "adamw_cosine"}  # no shipped optimizer, though none was named
+  assert sorted(p.name for p in (cache / "quadratic_illcond_long").iterdir()) == [
+      "adam.json", "adamw_cosine.json"]
+  assert cli.main(args + ["--out", str(tmp_path / "again")]) == 0
+  with open(tmp_path / "again" / evaluation.RESULTS_FILE) as f:
+    again = json.load(f)["tasks"]["quadratic_illcond_long"]["optimizers"]
+  assert all(r["cached"] for r in again.values())
+  capsys.readouterr()
+  assert cli.main(args + ["--out", str(out), "--optimizer", "hierarchical_hd"]) == 2
+  assert "--baselines-only evaluates no learned optimizer" in capsys.readouterr().err
+
+
 def test_ship_writes_provenance_header(tmp_path):
   from learned_opt.meta_train.run import ship
   run = tmp_path / "run"

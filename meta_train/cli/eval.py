@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  "shipped optimizer)")
   p.add_argument("--pretrained", action="store_true",
                  help="also evaluate every shipped learned optimizer (with --optimizer)")
+  p.add_argument("--baselines-only", action="store_true",
+                 help="evaluate the baselines alone (no learned optimizer), e.g. to fill "
+                 "--cache from several processes, each with its own --baselines and --out")
   p.add_argument("--suite", default="heldout",
                  help="heldout, heldout_short, heldout_offline, safeguard, or several joined with '+'")
   p.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
@@ -60,8 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args) -> int:
+  if args.baselines_only and (args.optimizer or args.pretrained):
+    raise ValueError("--baselines-only evaluates no learned optimizer; drop it or drop "
+                     f"--optimizer {args.optimizer or []} / --pretrained")
   learned = list(args.optimizer or [])
-  if args.optimizer is None or args.pretrained:
+  if not args.baselines_only and (args.optimizer is None or args.pretrained):
     learned += [n for n in learned_opt.list_pretrained() if n not in learned]
   baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
   bad = [b for b in baselines if b not in candidates.BASELINES]
