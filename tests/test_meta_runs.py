@@ -15,6 +15,7 @@ from learned_opt.meta_train.cli import main
 from learned_opt.meta_train.estimators.base import GradEstimate
 from learned_opt.meta_train.learner.outer import apply_estimate, init_learner, make_outer_optimizer
 from learned_opt.meta_train.learner.trainer import MetaTrainer
+from learned_opt.meta_train.run import build
 from learned_opt.meta_train.run import ship
 from learned_opt.meta_train.run.runner import run_meta_training
 
@@ -69,10 +70,15 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(_CONFIG_DIR) if f.endswith(".yaml")))
-def test_shipped_configs_validate(name):
+def test_shipped_configs_validate(name, monkeypatch):
   cfg = config_lib.load_config(os.path.join(_CONFIG_DIR, f"{name}.yaml"))
-  config_lib.build_lopt(cfg.lopt)
+  lopt = config_lib.build_lopt(cfg.lopt)
   config_lib.build_schedule(cfg.truncation).check(cfg.estimator.unroll_length)
+  # A config's init_from is a shipped name or a path from the repository root (where
+  # the README runs `lopt meta-train`); it must load and match the architecture.
+  monkeypatch.chdir(os.path.dirname(_CONFIG_DIR))
+  if cfg.lopt.init_from is not None:
+    assert build.initial_meta_params(cfg.lopt, lopt) is not None
 
 
 # ---- learner -------------------------------------------------------------------------
