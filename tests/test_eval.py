@@ -352,3 +352,11 @@ def test_worker_processes_write_each_task_in_suite_order_and_log_each_optimizer(
   for task in res["tasks"]:
     for name in ("prodigy", "adam_hd"):
       assert f"eval {task}: {name} done (" in err, err
+
+
+def test_parallel_work_units_are_task_optimizer_pairs_in_suite_order():
+  # One unit per (task, optimizer): a worker is never idle behind another's last task.
+  todo = {"transformer": ["adam", "muon"], "mlp": ["adam"]}
+  assert evaluation.work_units(todo) == [("transformer", "adam"), ("transformer", "muon"),
+                                         ("mlp", "adam")]
+  assert evaluation.work_units({}) == []

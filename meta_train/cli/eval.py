@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                  help="learning rates of the tuned baselines (default: 7 values, 1e-4..1e-1)")
   p.add_argument("--out", default=None, help="run folder (default: runs/eval_<suite>)")
   p.add_argument("--data-dir", default=None, help="local dataset root (default: $LOPT_DATA_DIR)")
-  p.add_argument("--workers", type=int, default=1, help="tasks evaluated in parallel processes")
+  p.add_argument("--workers", type=int, default=1, help="(task, optimizer) pairs evaluated in parallel processes")
   p.add_argument("--ray", default=None, metavar="ADDRESS",
                  help="evaluate tasks on a Ray cluster ('auto' or an address)")
   p.add_argument("--fresh", action="store_true", help="ignore tasks already in the run folder")

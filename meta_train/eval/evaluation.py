@@ -246,6 +246,15 @@ def _log_candidate(task: str):
   return log
 
 
+def work_units(todo: dict[str, list]) -> list[tuple[str, Any]]:
+  """The parallel work units of `evaluate_suite`: one per (task, optimizer), tasks in
+  the suite's order. A unit per task would leave workers idle behind the one task
+  whose optimizers are still running (a suite's transformer is most of its time);
+  per-optimizer results merge into their task as they arrive, and a killed run
+  resumes with the units it had not finished."""
+  return [(name, cand) for name, missing in todo.items() for cand in missing]
+
+
 def _reusable(old: dict, new: dict, specs: dict, candidates) -> dict:
   """Per-task optimizer results of a previous evaluation that this one can keep."""
   if any(old.get(k) != new[k] for k in ("format", "suite", "seeds", "first_seed", "lr_grid",
@@ -284,7 +293,8 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     data_dir: local dataset root (default: $LOPT_DATA_DIR).
     lr_grid: learning rates of the tuned baselines.
     tasks: evaluate only these task names of the suite.
-    workers: tasks evaluated in parallel by this many local processes (1: in-process).
+    workers: (task, optimizer) pairs evaluated in parallel by this many local processes
+      (1: in-process; see `work_units`).
     ray_address: evaluate tasks on a Ray cluster ("auto" or an address) instead.
     progress: show a progress bar.
     resume: keep the (task, optimizer) results already in `out_dir/results.json` from
@@ -355,10 +365,10 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
     else:
       by_name = dict(zip([c.name for c in candidates], optimizers))
       jobs = [json.dumps({"suite": suite, "task": n, "lr_grid": list(lr_grid), "seeds": seeds,
-                          "optimizers": [by_name[c.name] for c in missing],
-                          "first_seed": first_seed, "data_dir": data_dir,
-                          "tune_seeds": tune_seeds, "cache_dir": cache_dir, "log": not progress})
-              for n, missing in todo.items()]
+                          "optimizers": [by_name[c.name]], "first_seed": first_seed,
+                          "data_dir": data_dir, "tune_seeds": tune_seeds,
+                          "cache_dir": cache_dir, "log": not progress})
+              for n, c in work_units(todo)]
       if ray_address is not None:
         ray_mp = _extras.require("ray.util.multiprocessing", purpose="lopt eval --ray")
         pool = ray_mp.Pool(processes=workers if workers > 1 else None, ray_address=ray_address)
@@ -371,13 +381,13 @@ def evaluate_suite(suite: str | dict[str, SuiteTask], optimizers: Sequence[str],
         outputs = (f.result() for f in concurrent.futures.as_completed(
             [pool.submit(_task_worker, job) for job in jobs]))
       try:
-        # Each task is written as soon as it finishes, whichever finishes first.
+        # Each (task, optimizer) result is merged into its task and written as soon as
+        # it finishes, whichever finishes first.
         for out in outputs:
           result = json.loads(out)
-          name = result["task"]
-          done(name, {k: v for k, v in result.items() if k != "task"})
+          done(result["task"], {k: v for k, v in result.items() if k != "task"})
           if bar is not None:
-            bar.update(len(todo[name]))
+            bar.update(len(result["optimizers"]))
       finally:
         pool.close() if ray_address is not None else pool.shutdown()
   finally:
